@@ -1,0 +1,173 @@
+//! Policy knobs of a [`GovernedMemoryPool`] and the builder that validates them.
+//!
+//! The knobs are few on purpose: the *size* of the pool is not one of them. The size is the
+//! governor's Query budget, which changes at run time (`set_limit`, lending between engines),
+//! so the pool asks the governor on every decision instead of copying a number at build time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor_core::{MemError, MemoryGovernor};
+
+use crate::pool::GovernedMemoryPool;
+
+/// Default share of the Query budget kept free for consumers that cannot spill.
+pub const DEFAULT_UNSPILLABLE_HEADROOM: f64 = 0.2;
+/// Default bound on how long a denied unspillable consumer waits for memory to be reclaimed.
+pub const DEFAULT_RECLAIM_WAIT: Duration = Duration::from_millis(500);
+/// Default number of consumers named in a `ResourcesExhausted` message.
+pub const DEFAULT_TOP_CONSUMERS: usize = 5;
+
+/// Largest allowed headroom fraction: above it spillable operators get so little memory that
+/// every batch spills, which is never what a caller meant.
+const MAX_UNSPILLABLE_HEADROOM: f64 = 0.9;
+/// Largest allowed reclaim wait: `try_grow` is synchronous and runs on a query worker thread,
+/// so a longer block would stall the whole runtime rather than protect a query.
+const MAX_RECLAIM_WAIT: Duration = Duration::from_secs(30);
+
+/// Validated policy of a [`GovernedMemoryPool`]; see [`GovernedPoolBuilder`] for each knob.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PoolOptions {
+    pub(crate) unspillable_headroom: f64,
+    pub(crate) reclaim_wait: Duration,
+    pub(crate) top_consumers: usize,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        Self {
+            unspillable_headroom: DEFAULT_UNSPILLABLE_HEADROOM,
+            reclaim_wait: DEFAULT_RECLAIM_WAIT,
+            top_consumers: DEFAULT_TOP_CONSUMERS,
+        }
+    }
+}
+
+impl PoolOptions {
+    /// Fraction of the Query budget spillable consumers may never take (kept for unspillable ones).
+    pub fn unspillable_headroom(&self) -> f64 {
+        self.unspillable_headroom
+    }
+
+    /// Longest time a denied unspillable consumer waits for reclaimed memory.
+    pub fn reclaim_wait(&self) -> Duration {
+        self.reclaim_wait
+    }
+
+    /// How many consumers an out-of-memory message names.
+    pub fn top_consumers(&self) -> usize {
+        self.top_consumers
+    }
+}
+
+/// Builds a [`GovernedMemoryPool`] with non-default policy, like `moka`'s cache builder:
+/// setters take any value and [`build`](Self::build) rejects the bad ones with a message that
+/// names the knob and the fix.
+///
+/// ```
+/// # use std::time::Duration;
+/// # use governor_core::{EngineBudget, EngineId, GovernorConfig, MemoryGovernor, mib};
+/// # use datafusion_pool::GovernedMemoryPool;
+/// let governor = MemoryGovernor::new(
+///     GovernorConfig::builder()
+///         .global_ceiling(mib(256))
+///         .engine(EngineId::Query, EngineBudget::new(mib(128)).with_floor(mib(32)))
+///         .build()?,
+/// )?;
+/// let pool = GovernedMemoryPool::builder(&governor)
+///     .unspillable_headroom(0.3)
+///     .reclaim_wait(Duration::from_millis(200))
+///     .build()?;
+/// assert_eq!(pool.options().unspillable_headroom(), 0.3);
+///
+/// // A headroom that leaves nothing for spilling operators is refused, not clamped.
+/// assert!(GovernedMemoryPool::builder(&governor).unspillable_headroom(1.5).build().is_err());
+/// # Ok::<(), governor_core::MemError>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct GovernedPoolBuilder {
+    governor: Arc<MemoryGovernor>,
+    options: PoolOptions,
+}
+
+impl GovernedPoolBuilder {
+    pub(crate) fn new(governor: &Arc<MemoryGovernor>) -> Self {
+        Self {
+            governor: Arc::clone(governor),
+            options: PoolOptions::default(),
+        }
+    }
+
+    /// Fraction (0.0 ..= 0.9) of the Query budget that spillable consumers may not take, so
+    /// that a late unspillable consumer (a hash-join build side, a sort's merge reservation)
+    /// still finds room after a greedy sort or aggregate has grown. Default 0.2.
+    ///
+    /// Unspillable consumers are not limited by it: they may use the whole budget.
+    #[must_use]
+    pub fn unspillable_headroom(mut self, fraction: f64) -> Self {
+        self.options.unspillable_headroom = fraction;
+        self
+    }
+
+    /// How long (at most 30 s) a denied *unspillable* consumer may wait while the governor
+    /// reclaims memory from engines that borrowed it and this pool's spillable consumers
+    /// spill. Default 500 ms. `Duration::ZERO` still asks once, without waiting.
+    #[must_use]
+    pub fn reclaim_wait(mut self, wait: Duration) -> Self {
+        self.options.reclaim_wait = wait;
+        self
+    }
+
+    /// Number of consumers (at least 1) that a `ResourcesExhausted` message names. Default 5.
+    #[must_use]
+    pub fn top_consumers(mut self, n: usize) -> Self {
+        self.options.top_consumers = n;
+        self
+    }
+
+    /// Validates the knobs and builds the pool.
+    ///
+    /// # Errors
+    /// [`MemError::InvalidConfig`] naming the knob, when the headroom is not a number in
+    /// `0.0..=0.9`, the reclaim wait exceeds 30 s, or `top_consumers` is 0.
+    pub fn build(self) -> Result<GovernedMemoryPool, MemError> {
+        let o = &self.options;
+        if !(0.0..=MAX_UNSPILLABLE_HEADROOM).contains(&o.unspillable_headroom) {
+            return Err(invalid(
+                "unspillable_headroom",
+                format!(
+                    "must be a fraction in 0.0..={MAX_UNSPILLABLE_HEADROOM}, got {}; \
+                     use e.g. 0.2 to keep a fifth of the Query budget for unspillable consumers",
+                    o.unspillable_headroom
+                ),
+            ));
+        }
+        if o.reclaim_wait > MAX_RECLAIM_WAIT {
+            return Err(invalid(
+                "reclaim_wait",
+                format!(
+                    "must be at most {MAX_RECLAIM_WAIT:?}, got {:?}: try_grow blocks a query \
+                     worker thread while it waits; use a few hundred milliseconds",
+                    o.reclaim_wait
+                ),
+            ));
+        }
+        if o.top_consumers == 0 {
+            return Err(invalid(
+                "top_consumers",
+                "must be at least 1 so that an out-of-memory error names its culprit".to_owned(),
+            ));
+        }
+        Ok(GovernedMemoryPool::with_options(
+            &self.governor,
+            self.options,
+        ))
+    }
+}
+
+fn invalid(field: &str, reason: String) -> MemError {
+    MemError::InvalidConfig {
+        field: field.to_owned(),
+        reason,
+    }
+}

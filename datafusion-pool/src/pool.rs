@@ -1,0 +1,514 @@
+//! [`GovernedMemoryPool`]: DataFusion's `MemoryPool` trait answered by the governor.
+//!
+//! Every decision is two questions. First the pool's own policy: may *this consumer* have
+//! more (fair share for spillers, nothing extra for unspillable ones)? Then the governor:
+//! does the Query engine have the bytes under its limit and the global ceiling? Only when both
+//! say yes does the consumer's [`ReservationToken`] grow, so the governor's books and
+//! DataFusion's agree at every instant.
+
+use std::fmt::{self, Display, Formatter};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use datafusion::common::{DataFusionError, Result};
+use datafusion::execution::memory_pool::{
+    MemoryConsumer, MemoryLimit, MemoryPool, MemoryReservation,
+};
+use governor_core::{
+    EngineId, MemError, MemoryGovernor, ReservationToken, StatsSourceHandle, human_bytes,
+};
+
+use crate::consumers::{Consumer, ConsumerMetrics, Registry, StatsSource};
+use crate::options::{GovernedPoolBuilder, PoolOptions};
+
+/// The engine every governed pool books against.
+const ENGINE: EngineId = EngineId::Query;
+
+/// A DataFusion [`MemoryPool`] whose size is the governor's budget for [`EngineId::Query`].
+///
+/// Pick it when DataFusion shares a process with other engines under one memory ceiling: the
+/// pool is as large as the Query budget *now* (it grows when other engines are idle and
+/// shrinks when they take their floors back), and it never lets the Query engine hold more
+/// than that budget. Inside the budget it is fair between spilling operators and protects
+/// the ones that cannot spill; see the [crate docs](crate) for the policy and its reasons.
+///
+/// Build one with [`GovernorExt::pool`](crate::GovernorExt::pool) or
+/// [`GovernedMemoryPool::builder`]. Several `SessionContext`s may share one pool; several
+/// pools on one governor share the Query budget (each is fair only among its own consumers).
+#[derive(Debug)]
+pub struct GovernedMemoryPool {
+    governor: Arc<MemoryGovernor>,
+    options: PoolOptions,
+    registry: Arc<Registry>,
+    /// `false` when the governor was built without a Query engine: every `try_grow` then
+    /// fails with a configuration error instead of pretending there is memory.
+    engine_configured: bool,
+    /// Sum of all consumers' `reserved`.
+    reserved: AtomicUsize,
+    /// Sum of `reserved` over consumers that cannot spill.
+    unspillable: AtomicUsize,
+    /// Bytes unspillable consumers are waiting for; spillers' shares shrink by this much so
+    /// that they spill and make room.
+    pending_unspillable: AtomicUsize,
+    /// Spillable consumers holding memory: the "active" ones fair shares are computed over.
+    active_spillers: AtomicUsize,
+    overcommit: AtomicUsize,
+    peak_overcommit: AtomicUsize,
+    denials: AtomicU64,
+    over_released: AtomicUsize,
+    reclaim_requests: AtomicU64,
+    reclaimed: AtomicUsize,
+    /// Unregisters the metrics source from the governor when the pool is dropped.
+    _stats: StatsSourceHandle,
+}
+
+/// Pool-wide counters of a [`GovernedMemoryPool`], from [`GovernedMemoryPool::stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Bytes held by all consumers of this pool.
+    pub reserved: usize,
+    /// Bytes held by consumers that cannot spill.
+    pub unspillable: usize,
+    /// The Query engine's limit in the governor now.
+    pub limit: usize,
+    /// Live consumers.
+    pub consumers: usize,
+    /// Bytes booked by DataFusion's infallible `grow` beyond the budget and not yet returned.
+    pub overcommit: usize,
+    /// Most overcommitted bytes at once.
+    pub peak_overcommit: usize,
+    /// `try_grow` calls refused.
+    pub denials: u64,
+    /// Bytes `shrink` was asked to release beyond what the consumer held (a caller bug the
+    /// pool absorbed instead of underflowing its books).
+    pub over_released: usize,
+    /// Times an unspillable consumer's denial made the pool ask the governor to reclaim.
+    pub reclaim_requests: u64,
+    /// Bytes the governor reported freed by those reclaims.
+    pub reclaimed: usize,
+}
+
+/// Why a `try_grow` was refused; rendered into the `ResourcesExhausted` message.
+enum Denial {
+    FairShare { share: usize, active: usize },
+    Governor(MemError),
+    NotConfigured,
+}
+
+impl GovernedMemoryPool {
+    /// A pool with the default policy (see [`GovernedPoolBuilder`] for the knobs).
+    pub fn new(governor: &Arc<MemoryGovernor>) -> Self {
+        Self::with_options(governor, PoolOptions::default())
+    }
+
+    /// A builder to set the policy knobs.
+    pub fn builder(governor: &Arc<MemoryGovernor>) -> GovernedPoolBuilder {
+        GovernedPoolBuilder::new(governor)
+    }
+
+    pub(crate) fn with_options(governor: &Arc<MemoryGovernor>, options: PoolOptions) -> Self {
+        let engine_configured = governor.is_configured(ENGINE);
+        let registry = Arc::new(Registry::default());
+        let stats = governor.register_consumer_stats(Arc::new(StatsSource(Arc::clone(&registry))));
+        Self {
+            governor: Arc::clone(governor),
+            options,
+            registry,
+            engine_configured,
+            reserved: AtomicUsize::new(0),
+            unspillable: AtomicUsize::new(0),
+            pending_unspillable: AtomicUsize::new(0),
+            active_spillers: AtomicUsize::new(0),
+            overcommit: AtomicUsize::new(0),
+            peak_overcommit: AtomicUsize::new(0),
+            denials: AtomicU64::new(0),
+            over_released: AtomicUsize::new(0),
+            reclaim_requests: AtomicU64::new(0),
+            reclaimed: AtomicUsize::new(0),
+            _stats: stats,
+        }
+    }
+
+    /// The governor this pool books against.
+    pub fn governor(&self) -> &Arc<MemoryGovernor> {
+        &self.governor
+    }
+
+    /// The policy this pool was built with.
+    pub fn options(&self) -> &PoolOptions {
+        &self.options
+    }
+
+    /// Pool-wide counters.
+    pub fn stats(&self) -> PoolStats {
+        PoolStats {
+            reserved: self.reserved.load(Ordering::Relaxed),
+            unspillable: self.unspillable.load(Ordering::Relaxed),
+            limit: self.governor.limit(ENGINE),
+            consumers: self.registry.len(),
+            overcommit: self.overcommit.load(Ordering::Relaxed),
+            peak_overcommit: self.peak_overcommit.load(Ordering::Relaxed),
+            denials: self.denials.load(Ordering::Relaxed),
+            over_released: self.over_released.load(Ordering::Relaxed),
+            reclaim_requests: self.reclaim_requests.load(Ordering::Relaxed),
+            reclaimed: self.reclaimed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The live consumers, largest holder first.
+    pub fn consumers(&self) -> Vec<ConsumerMetrics> {
+        let mut v: Vec<_> = self.registry.live().iter().map(|c| c.metrics()).collect();
+        v.sort_by(|a, b| b.reserved.cmp(&a.reserved).then(a.id.cmp(&b.id)));
+        v
+    }
+
+    /// The most a spillable consumer may hold right now.
+    ///
+    /// `budget` is what the Query engine could hold in total at this instant: its own
+    /// reservations plus what the governor would still grant (the smaller of the room under
+    /// its limit and the room under the ceiling). Unspillable consumers come first — at least
+    /// the headroom is kept for them, more if they already hold more or are waiting for
+    /// more — and the rest is split evenly among the spillers that hold memory, counting the
+    /// asking one. Idle registered spillers do not count (unlike `FairSpillPool`, apache/
+    /// datafusion#22036), so a lone sort gets the whole spillable part.
+    fn spill_share(&self, consumer_reserved: usize) -> (usize, usize) {
+        let budget = self.governor.reserved(ENGINE) + self.governor.available(ENGINE);
+        let headroom =
+            (self.governor.limit(ENGINE) as f64 * self.options.unspillable_headroom) as usize;
+        let unspillable = self.unspillable.load(Ordering::Relaxed)
+            + self.pending_unspillable.load(Ordering::Relaxed);
+        let spillable_budget = budget.saturating_sub(headroom.max(unspillable));
+        let active =
+            self.active_spillers.load(Ordering::Relaxed) + usize::from(consumer_reserved == 0);
+        (spillable_budget / active.max(1), active.max(1))
+    }
+
+    fn consumer(&self, c: &MemoryConsumer) -> Arc<Consumer> {
+        // DataFusion always registers before growing; a reservation that reaches us without a
+        // registration (e.g. a wrapper pool that forwards only some calls) is booked anyway so
+        // that its bytes are never lost from the books.
+        self.registry.get_or_insert(c.id(), || self.new_consumer(c))
+    }
+
+    fn new_consumer(&self, c: &MemoryConsumer) -> Consumer {
+        let token = self
+            .engine_configured
+            .then(|| self.governor.charge(ENGINE, 0));
+        Consumer::new(c.id(), c.name().to_owned(), c.can_spill(), token)
+    }
+
+    /// Records `bytes` more held by `c` (its token already grew).
+    fn booked(&self, c: &Consumer, bytes: usize) {
+        let before = c.reserved.fetch_add(bytes, Ordering::Relaxed);
+        c.peak.fetch_max(before + bytes, Ordering::Relaxed);
+        self.reserved.fetch_add(bytes, Ordering::Relaxed);
+        if c.can_spill {
+            if before == 0 && bytes > 0 {
+                self.active_spillers.fetch_add(1, Ordering::Relaxed);
+            }
+        } else {
+            self.unspillable.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// Records `bytes` fewer held by `c` (its token already shrank).
+    fn released(&self, c: &Consumer, bytes: usize) {
+        let before = c.reserved.fetch_sub(bytes, Ordering::Relaxed);
+        self.reserved.fetch_sub(bytes, Ordering::Relaxed);
+        if c.can_spill {
+            if before == bytes && bytes > 0 {
+                self.active_spillers.fetch_sub(1, Ordering::Relaxed);
+            }
+        } else {
+            self.unspillable.fetch_sub(bytes, Ordering::Relaxed);
+        }
+        // Overcommitted bytes are paid back first: once the consumer is under budget again the
+        // metric should say so.
+        let paid = c
+            .overcommit
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |o| {
+                Some(o - o.min(bytes))
+            })
+            .map_or(0, |o| o.min(bytes));
+        if paid > 0 {
+            self.overcommit.fetch_sub(paid, Ordering::Relaxed);
+        }
+    }
+
+    /// Grows `token` for an unspillable consumer that was denied: first the governor reclaims
+    /// from engines that borrowed beyond their floors, then — if this pool's spillers hold
+    /// enough to matter — their fair shares shrink by `bytes` so that their next `try_grow`
+    /// is denied and they spill. Bounded by `reclaim_wait`; blocking is acceptable here
+    /// because DataFusion's `try_grow` is synchronous and the alternative is failing the query.
+    fn grow_unspillable_slow(
+        &self,
+        token: &mut ReservationToken,
+        bytes: usize,
+        first: MemError,
+    ) -> Result<(), MemError> {
+        let deadline = Instant::now() + self.options.reclaim_wait;
+        self.reclaim_requests.fetch_add(1, Ordering::Relaxed);
+        let outcome = self
+            .governor
+            .reclaim_for_blocking(ENGINE, bytes, self.options.reclaim_wait);
+        self.reclaimed.fetch_add(outcome.freed, Ordering::Relaxed);
+        let mut last = match token.try_grow(bytes) {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+
+        let spillable_held = self
+            .reserved
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.unspillable.load(Ordering::Relaxed));
+        if spillable_held == 0
+            || !matches!(
+                first,
+                MemError::BudgetExhausted { .. } | MemError::GlobalCeilingExceeded { .. }
+            )
+        {
+            return Err(last);
+        }
+        self.pending_unspillable.fetch_add(bytes, Ordering::Relaxed);
+        let mut pause = Duration::from_micros(200);
+        let result = loop {
+            let now = Instant::now();
+            if now >= deadline {
+                break Err(last);
+            }
+            std::thread::sleep(pause.min(deadline - now));
+            pause = (pause * 2).min(Duration::from_millis(10));
+            match token.try_grow(bytes) {
+                Ok(()) => break Ok(()),
+                Err(e) => last = e,
+            }
+        };
+        self.pending_unspillable.fetch_sub(bytes, Ordering::Relaxed);
+        result
+    }
+
+    fn deny(&self, c: &Consumer, additional: usize, why: &Denial) -> DataFusionError {
+        c.denials.fetch_add(1, Ordering::Relaxed);
+        self.denials.fetch_add(1, Ordering::Relaxed);
+        let message = self.exhausted_message(c, additional, why);
+        if c.can_spill {
+            tracing::debug!(consumer = %c.name, requested = additional, "spillable consumer denied");
+        } else {
+            tracing::warn!(
+                engine = %ENGINE,
+                consumer = %c.name,
+                requested = additional,
+                "unspillable consumer denied after reclaim: {message}"
+            );
+        }
+        DataFusionError::ResourcesExhausted(message)
+    }
+
+    /// The out-of-memory message: who asked, why not, the pool's top consumers and the
+    /// engines holding the ceiling, so whoever reads it at 3 a.m. knows where memory went.
+    fn exhausted_message(&self, c: &Consumer, additional: usize, why: &Denial) -> String {
+        use std::fmt::Write as _;
+        let hs = human_bytes;
+        let mut m = format!(
+            "Failed to allocate additional {} for {}#{} (can spill: {}) with {} already allocated: ",
+            hs(additional),
+            c.name,
+            c.id,
+            c.can_spill,
+            hs(c.reserved()),
+        );
+        match why {
+            Denial::FairShare { share, active } => {
+                let _ = write!(
+                    m,
+                    "its fair share is {} ({active} active spilling consumers share the Query budget after {} kept for unspillable ones)",
+                    hs(*share),
+                    hs(self.unspillable.load(Ordering::Relaxed).max(
+                        (self.governor.limit(ENGINE) as f64 * self.options.unspillable_headroom)
+                            as usize
+                    )),
+                );
+            }
+            Denial::Governor(e) => {
+                let _ = write!(m, "the governor refused: {e}");
+            }
+            Denial::NotConfigured => {
+                m.push_str(
+                    "the memory governor has no budget for the query engine; configure one with \
+                     GovernorConfig::builder().engine(EngineId::Query, EngineBudget::new(..))",
+                );
+                return m;
+            }
+        }
+        let _ = write!(
+            m,
+            ". Query engine: {} reserved of limit {} ({} of it by this pool); global: {} of ceiling {}",
+            hs(self.governor.reserved(ENGINE)),
+            hs(self.governor.limit(ENGINE)),
+            hs(self.reserved.load(Ordering::Relaxed)),
+            hs(self.governor.global_reserved()),
+            hs(self.governor.ceiling()),
+        );
+        let _ = write!(
+            m,
+            ". Engines holding the ceiling: {}",
+            self.governor.top_holders()
+        );
+        m.push_str(". Top consumers of this pool: ");
+        let top = self.consumers();
+        for (i, t) in top.iter().take(self.options.top_consumers).enumerate() {
+            let _ = write!(
+                m,
+                "{}{}#{}(can spill: {}) consumed {}, peak {}, denials {}",
+                if i == 0 { "" } else { ", " },
+                t.name,
+                t.id,
+                t.can_spill,
+                hs(t.reserved),
+                hs(t.peak),
+                t.denials
+            );
+        }
+        if top.is_empty() {
+            m.push_str("none");
+        }
+        m.push('.');
+        m
+    }
+}
+
+impl MemoryPool for GovernedMemoryPool {
+    fn name(&self) -> &str {
+        "governed"
+    }
+
+    fn register(&self, consumer: &MemoryConsumer) {
+        self.consumer(consumer);
+    }
+
+    fn unregister(&self, consumer: &MemoryConsumer) {
+        if let Some(c) = self.registry.remove(consumer.id()) {
+            // DataFusion frees every reservation before the registration goes; if a caller
+            // did not, give the bytes back here rather than leak them in the governor.
+            let mut token = c.token.lock();
+            let left = c.reserved();
+            if left > 0 {
+                if let Some(t) = token.as_mut() {
+                    t.free();
+                }
+                self.released(&c, left);
+            }
+        }
+    }
+
+    fn grow(&self, reservation: &MemoryReservation, additional: usize) {
+        if additional == 0 {
+            return;
+        }
+        let c = self.consumer(reservation.consumer());
+        let mut token = c.token.lock();
+        if let Some(t) = token.as_mut()
+            && t.try_grow(additional).is_err()
+        {
+            // `grow` cannot fail and DataFusion adds the bytes to the reservation anyway, so
+            // the governor must count them. What still fits is booked normally; only the rest
+            // goes through force_grow, which the governor counts as overcommit, and we
+            // remember it here until it is shrunk away.
+            let room = self.governor.available(ENGINE).min(additional);
+            let fit = if room > 0 && t.try_grow(room).is_ok() {
+                room
+            } else {
+                0
+            };
+            let over = additional - fit;
+            t.force_grow(over);
+            c.overcommit.fetch_add(over, Ordering::Relaxed);
+            let now = self.overcommit.fetch_add(over, Ordering::Relaxed) + over;
+            self.peak_overcommit.fetch_max(now, Ordering::Relaxed);
+            tracing::debug!(consumer = %c.name, bytes = over, "infallible grow booked as overcommit");
+        }
+        self.booked(&c, additional);
+    }
+
+    fn shrink(&self, reservation: &MemoryReservation, shrink: usize) {
+        let Some(c) = self.registry.get(reservation.consumer().id()) else {
+            self.over_released.fetch_add(shrink, Ordering::Relaxed);
+            tracing::error!(
+                consumer = reservation.consumer().name(),
+                bytes = shrink,
+                "shrink of an unknown consumer ignored"
+            );
+            return;
+        };
+        let mut token = c.token.lock();
+        let held = c.reserved();
+        let bytes = shrink.min(held);
+        if bytes < shrink {
+            // A pool must never underflow; DataFusion's MemoryReservation prevents this, so a
+            // hit here is a caller bug: record it and release what is actually held.
+            self.over_released
+                .fetch_add(shrink - bytes, Ordering::Relaxed);
+            tracing::error!(consumer = %c.name, requested = shrink, held, "shrink beyond held clamped");
+        }
+        if bytes == 0 {
+            return;
+        }
+        if let Some(t) = token.as_mut()
+            && let Err(e) = t.shrink(bytes)
+        {
+            // Cannot happen while `reserved` mirrors the token under this lock; keep the
+            // governor's word if it does.
+            tracing::error!(consumer = %c.name, error = %e, "governor token out of step with pool books");
+        }
+        self.released(&c, bytes);
+    }
+
+    fn try_grow(&self, reservation: &MemoryReservation, additional: usize) -> Result<()> {
+        if additional == 0 {
+            return Ok(());
+        }
+        let c = self.consumer(reservation.consumer());
+        let mut token = c.token.lock();
+        let Some(t) = token.as_mut() else {
+            return Err(self.deny(&c, additional, &Denial::NotConfigured));
+        };
+        let held = c.reserved();
+        if c.can_spill {
+            let (share, active) = self.spill_share(held);
+            if held + additional > share {
+                return Err(self.deny(&c, additional, &Denial::FairShare { share, active }));
+            }
+            if let Err(e) = t.try_grow(additional) {
+                return Err(self.deny(&c, additional, &Denial::Governor(e)));
+            }
+        } else if let Err(first) = t.try_grow(additional) {
+            if let Err(e) = self.grow_unspillable_slow(t, additional, first) {
+                return Err(self.deny(&c, additional, &Denial::Governor(e)));
+            }
+        }
+        self.booked(&c, additional);
+        Ok(())
+    }
+
+    fn reserved(&self) -> usize {
+        self.reserved.load(Ordering::Relaxed)
+    }
+
+    fn memory_limit(&self) -> MemoryLimit {
+        MemoryLimit::Finite(self.governor.limit(ENGINE))
+    }
+}
+
+impl Display for GovernedMemoryPool {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}(engine: {ENGINE}, reserved: {}, query limit: {}, consumers: {})",
+            self.name(),
+            human_bytes(self.reserved.load(Ordering::Relaxed)),
+            human_bytes(self.governor.limit(ENGINE)),
+            self.registry.len(),
+        )
+    }
+}

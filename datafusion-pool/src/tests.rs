@@ -1,0 +1,455 @@
+//! Policy tests without SQL: reservations made by hand against small budgets, so every number
+//! the policy computes can be checked exactly.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use datafusion::common::DataFusionError;
+use datafusion::execution::memory_pool::{
+    MemoryConsumer, MemoryLimit, MemoryPool, MemoryReservation,
+};
+use governor_core::{
+    EngineBudget, EngineId, GovernorConfig, MemoryGovernor, ReclaimError, Reclaimer,
+    ReservationToken, kib,
+};
+use parking_lot::Mutex;
+
+use crate::{GovernedMemoryPool, GovernorExt, is_governed, set_query_memory_limit};
+
+/// A governor whose only engine is Query, with `limit` under a ceiling of the same size.
+fn query_only(limit: usize) -> Arc<MemoryGovernor> {
+    MemoryGovernor::new(
+        GovernorConfig::builder()
+            .global_ceiling(limit)
+            .engine(EngineId::Query, EngineBudget::new(limit))
+            .build()
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+fn pool(
+    governor: &Arc<MemoryGovernor>,
+    headroom: f64,
+    wait: Duration,
+) -> (Arc<GovernedMemoryPool>, Arc<dyn MemoryPool>) {
+    let p = Arc::new(
+        GovernedMemoryPool::builder(governor)
+            .unspillable_headroom(headroom)
+            .reclaim_wait(wait)
+            .build()
+            .unwrap(),
+    );
+    let d: Arc<dyn MemoryPool> = Arc::clone(&p) as _;
+    (p, d)
+}
+
+fn spiller(pool: &Arc<dyn MemoryPool>, name: &str) -> MemoryReservation {
+    MemoryConsumer::new(name)
+        .with_can_spill(true)
+        .register(pool)
+}
+
+fn unspillable(pool: &Arc<dyn MemoryPool>, name: &str) -> MemoryReservation {
+    MemoryConsumer::new(name).register(pool)
+}
+
+fn exhausted(r: datafusion::common::Result<()>) -> String {
+    match r {
+        Err(DataFusionError::ResourcesExhausted(m)) => m,
+        other => panic!("expected ResourcesExhausted at the top level, got {other:?}"),
+    }
+}
+
+#[test]
+fn idle_registered_spillers_do_not_shrink_the_share() {
+    let g = query_only(kib(100));
+    let (p, d) = pool(&g, 0.0, Duration::ZERO);
+    let a = spiller(&d, "a");
+    let _idle = spiller(&d, "idle");
+    // FairSpillPool would cap `a` at 50 KiB because `idle` is registered; only active
+    // consumers count here.
+    a.try_grow(kib(90)).unwrap();
+    assert_eq!(p.reserved(), kib(90));
+    assert_eq!(g.reserved(EngineId::Query), kib(90));
+}
+
+#[test]
+fn active_spillers_share_evenly_and_the_big_one_is_told_to_spill() {
+    let g = query_only(kib(100));
+    let (p, d) = pool(&g, 0.0, Duration::ZERO);
+    let a = spiller(&d, "a");
+    let b = spiller(&d, "b");
+    a.try_grow(kib(90)).unwrap();
+
+    // b is within its share (50 KiB) but the budget is used up by a: the governor refuses.
+    let m = exhausted(b.try_grow(kib(20)));
+    assert!(m.contains("the governor refused"), "{m}");
+    // b now counts as active, so a is over its share and is denied: that is its cue to spill.
+    b.try_grow(kib(5)).unwrap();
+    let m = exhausted(a.try_grow(kib(1)));
+    assert!(m.contains("fair share is 50.0 KiB"), "{m}");
+    a.shrink(kib(90));
+    b.try_grow(kib(20)).unwrap();
+    a.try_grow(kib(50)).unwrap();
+    exhausted(a.try_grow(kib(1)));
+    assert_eq!(p.stats().denials, 3);
+    assert_eq!(p.consumers().iter().map(|c| c.denials).sum::<u64>(), 3);
+}
+
+#[test]
+fn the_share_is_per_consumer_not_per_reservation() {
+    let g = query_only(kib(100));
+    let (_p, d) = pool(&g, 0.0, Duration::ZERO);
+    let a = spiller(&d, "a");
+    let b = spiller(&d, "b");
+    b.try_grow(kib(10)).unwrap();
+    a.try_grow(kib(40)).unwrap();
+    // A second reservation of the same consumer shares its 50 KiB share.
+    let a2 = a.new_empty();
+    a2.try_grow(kib(10)).unwrap();
+    exhausted(a2.try_grow(kib(1)));
+    let a3 = a.split(kib(20));
+    exhausted(a3.try_grow(kib(1)));
+    drop((a, a2, a3));
+    b.try_grow(kib(80)).unwrap();
+}
+
+#[test]
+fn headroom_is_kept_for_unspillable_consumers() {
+    let g = query_only(kib(100));
+    let (p, d) = pool(&g, 0.25, Duration::ZERO);
+    let sort = spiller(&d, "ExternalSorter[0]");
+    exhausted(sort.try_grow(kib(76)));
+    sort.try_grow(kib(75)).unwrap();
+    // The late hash-join build side still finds its room.
+    let build = unspillable(&d, "HashJoinInput[0]");
+    build.try_grow(kib(25)).unwrap();
+    assert_eq!(p.stats().unspillable, kib(25));
+    // Unspillable consumers may also use more than the headroom when it is free.
+    drop(sort);
+    build.try_grow(kib(70)).unwrap();
+    // Spillers then share what the unspillable ones leave.
+    let sort = spiller(&d, "ExternalSorter[1]");
+    sort.try_grow(kib(5)).unwrap();
+    exhausted(sort.try_grow(kib(1)));
+}
+
+#[test]
+fn a_denied_unspillable_consumer_fails_with_names_after_a_bounded_wait() {
+    let g = query_only(kib(100));
+    let (p, d) = pool(&g, 0.0, Duration::from_millis(50));
+    let sort = spiller(&d, "ExternalSorter[0]");
+    sort.try_grow(kib(80)).unwrap();
+    let build = unspillable(&d, "HashJoinInput[1]");
+    let started = std::time::Instant::now();
+    let m = exhausted(build.try_grow(kib(30)));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    for needle in [
+        "HashJoinInput[1]",
+        "ExternalSorter[0]",
+        "can spill: false",
+        "query 80.0 KiB",
+    ] {
+        assert!(m.contains(needle), "{needle:?} missing in {m}");
+    }
+    assert_eq!(p.stats().reclaim_requests, 1);
+    assert_eq!(p.reserved(), kib(80));
+    assert_eq!(g.reserved(EngineId::Query), kib(80));
+}
+
+#[test]
+fn spillers_are_squeezed_to_make_room_for_an_unspillable_consumer() {
+    let g = query_only(kib(100));
+    let (p, d) = pool(&g, 0.0, Duration::from_secs(5));
+    let sort = spiller(&d, "ExternalSorter[0]");
+    sort.try_grow(kib(80)).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    // The sort keeps buffering in another thread and spills (frees everything) when denied,
+    // as DataFusion's ExternalSorter does.
+    let sorter = {
+        let stop = Arc::clone(&stop);
+        thread::spawn(move || {
+            let mut spills = 0;
+            while !stop.load(Ordering::Relaxed) {
+                if sort.try_grow(kib(1)).is_err() {
+                    sort.free();
+                    spills += 1;
+                }
+                thread::sleep(Duration::from_millis(1));
+            }
+            spills
+        })
+    };
+    let build = unspillable(&d, "HashJoinInput[0]");
+    build.try_grow(kib(60)).unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let spills = sorter.join().unwrap();
+    assert!(spills >= 1);
+    assert_eq!(build.size(), kib(60));
+    assert!(p.reserved() <= kib(100));
+    drop(build);
+    assert_eq!(p.reserved(), 0);
+    assert_eq!(g.reserved(EngineId::Query), 0);
+}
+
+/// An engine that borrowed memory and gives it back when asked.
+struct Lender(Mutex<Option<ReservationToken>>);
+
+#[async_trait::async_trait]
+impl Reclaimer for Lender {
+    fn reclaimable(&self) -> usize {
+        self.0.lock().as_ref().map_or(0, ReservationToken::size)
+    }
+
+    async fn reclaim(&self, _target: usize) -> Result<usize, ReclaimError> {
+        Ok(self.0.lock().take().map_or(0, |mut t| t.free()))
+    }
+}
+
+#[test]
+fn an_unspillable_consumer_gets_memory_reclaimed_from_a_borrowing_engine() {
+    let g = MemoryGovernor::new(
+        GovernorConfig::builder()
+            .global_ceiling(kib(200))
+            .engine(
+                EngineId::Query,
+                EngineBudget::new(kib(150)).with_floor(kib(50)),
+            )
+            .engine(
+                EngineId::Vector,
+                EngineBudget::new(kib(150)).with_floor(kib(50)),
+            )
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    // Vector borrowed 70 KiB beyond its floor while Query was idle.
+    let lender = Arc::new(Lender(Mutex::new(Some(
+        g.try_reserve(EngineId::Vector, kib(120)).unwrap(),
+    ))));
+    let _handle = g.register_reclaimer(EngineId::Vector, Arc::clone(&lender) as _);
+    let (p, d) = pool(&g, 0.0, Duration::from_secs(5));
+    let build = unspillable(&d, "HashJoinInput");
+    build.try_grow(kib(100)).unwrap();
+    assert_eq!(g.reserved(EngineId::Vector), 0);
+    assert_eq!(g.reserved(EngineId::Query), kib(100));
+    assert_eq!(p.stats().reclaim_requests, 1);
+    assert!(p.stats().reclaimed >= kib(70));
+    assert!(g.global_reserved() <= g.ceiling());
+}
+
+#[test]
+fn denials_name_the_engines_holding_the_ceiling() {
+    let g = MemoryGovernor::new(
+        GovernorConfig::builder()
+            .global_ceiling(kib(100))
+            .engine(EngineId::Query, EngineBudget::new(kib(100)))
+            .engine(EngineId::Timeseries, EngineBudget::new(kib(100)))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let _ts = g.try_reserve(EngineId::Timeseries, kib(70)).unwrap();
+    let (_p, d) = pool(&g, 0.0, Duration::ZERO);
+    let agg = spiller(&d, "GroupedHashAggregateStream[0]");
+    let m = exhausted(agg.try_grow(kib(40)));
+    assert!(m.contains("timeseries 70.0 KiB"), "{m}");
+    assert!(m.contains("GroupedHashAggregateStream[0]"), "{m}");
+}
+
+#[test]
+fn infallible_grow_is_booked_exactly_and_paid_back_first() {
+    let g = query_only(kib(100));
+    let (p, d) = pool(&g, 0.0, Duration::ZERO);
+    let r = unspillable(&d, "r");
+    r.grow(kib(150));
+    assert_eq!(r.size(), kib(150));
+    assert_eq!(p.reserved(), kib(150));
+    assert_eq!(
+        g.reserved(EngineId::Query),
+        kib(150),
+        "the governor sees every byte"
+    );
+    assert_eq!(
+        p.stats().overcommit,
+        kib(50),
+        "only what did not fit is overcommit"
+    );
+    exhausted(r.try_grow(1));
+    r.shrink(kib(60));
+    assert_eq!(p.stats().overcommit, 0);
+    assert_eq!(p.stats().peak_overcommit, kib(50));
+    assert_eq!(g.reserved(EngineId::Query), kib(90));
+    drop(r);
+    assert_eq!(g.reserved(EngineId::Query), 0);
+}
+
+#[test]
+fn over_release_is_clamped_and_counted() {
+    let g = query_only(kib(100));
+    let (p, d) = pool(&g, 0.0, Duration::ZERO);
+    let r = spiller(&d, "r");
+    r.try_grow(kib(10)).unwrap();
+    // A buggy caller tells the pool to release more than the consumer holds.
+    d.shrink(&r, kib(25));
+    assert_eq!(p.reserved(), 0);
+    assert_eq!(g.reserved(EngineId::Query), 0);
+    assert_eq!(p.stats().over_released, kib(15));
+    // The reservation still believes it holds 10 KiB and frees it on drop: clamped again.
+    drop(r);
+    assert_eq!(p.reserved(), 0);
+    assert_eq!(p.stats().over_released, kib(25));
+    // The pool still works.
+    let r = spiller(&d, "r2");
+    r.try_grow(kib(100)).unwrap();
+}
+
+#[test]
+fn memory_limit_follows_the_governor() {
+    let g = MemoryGovernor::new(
+        GovernorConfig::builder()
+            .global_ceiling(kib(400))
+            .engine(EngineId::Query, EngineBudget::new(kib(100)))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let d = g.pool();
+    assert!(matches!(d.memory_limit(), MemoryLimit::Finite(l) if l == kib(100)));
+    assert_eq!(set_query_memory_limit(&g, "300K").unwrap(), kib(300));
+    assert!(matches!(d.memory_limit(), MemoryLimit::Finite(l) if l == kib(300)));
+    assert!(set_query_memory_limit(&g, "lots").is_err());
+    assert!(
+        set_query_memory_limit(&g, "1G").is_err(),
+        "above the ceiling"
+    );
+    let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+        .with_memory_pool(d)
+        .build()
+        .unwrap();
+    assert!(is_governed(&runtime));
+}
+
+#[test]
+fn consumers_are_published_in_the_governor_snapshot() {
+    let g = query_only(kib(100));
+    let (_p, d) = pool(&g, 0.0, Duration::ZERO);
+    let a = spiller(&d, "ExternalSorter[0]");
+    let b = unspillable(&d, "HashJoinInput[0]");
+    a.try_grow(kib(30)).unwrap();
+    b.try_grow(kib(20)).unwrap();
+    exhausted(a.try_grow(kib(90)));
+    let snap = g.snapshot();
+    let sorter = snap
+        .consumers
+        .iter()
+        .find(|c| c.name == "ExternalSorter[0]")
+        .unwrap();
+    assert_eq!(
+        (
+            sorter.engine,
+            sorter.reserved,
+            sorter.denials,
+            sorter.pinned
+        ),
+        (EngineId::Query, kib(30), 1, 0)
+    );
+    let build = snap
+        .consumers
+        .iter()
+        .find(|c| c.name == "HashJoinInput[0]")
+        .unwrap();
+    assert_eq!((build.reserved, build.pinned), (kib(20), kib(20)));
+    assert!(snap.to_prometheus().contains("ExternalSorter[0]"));
+    // After the query the peak and denials stay visible under the same name.
+    drop((a, b));
+    let snap = g.snapshot();
+    let sorter = snap
+        .consumers
+        .iter()
+        .find(|c| c.name == "ExternalSorter[0]")
+        .unwrap();
+    assert_eq!(
+        (sorter.reserved, sorter.peak, sorter.denials),
+        (0, kib(30), 1)
+    );
+}
+
+#[test]
+fn a_governor_without_a_query_engine_gets_a_clear_error_not_a_panic() {
+    let g = MemoryGovernor::new(
+        GovernorConfig::builder()
+            .global_ceiling(kib(100))
+            .engine(EngineId::Vector, EngineBudget::new(kib(100)))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let d = g.pool();
+    let r = spiller(&d, "a");
+    let m = exhausted(r.try_grow(1));
+    assert!(m.contains("no budget for the query engine"), "{m}");
+    r.grow(kib(1));
+    assert_eq!(d.reserved(), kib(1));
+    drop(r);
+    assert_eq!(d.reserved(), 0);
+}
+
+#[test]
+fn builder_rejects_bad_knobs_by_name() {
+    let g = query_only(kib(100));
+    for (bad, field) in [
+        (
+            GovernedMemoryPool::builder(&g).unspillable_headroom(-0.1),
+            "unspillable_headroom",
+        ),
+        (
+            GovernedMemoryPool::builder(&g).unspillable_headroom(f64::NAN),
+            "unspillable_headroom",
+        ),
+        (
+            GovernedMemoryPool::builder(&g).reclaim_wait(Duration::from_secs(60)),
+            "reclaim_wait",
+        ),
+        (
+            GovernedMemoryPool::builder(&g).top_consumers(0),
+            "top_consumers",
+        ),
+    ] {
+        let e = bad.build().unwrap_err();
+        assert!(e.to_string().contains(field), "{e}");
+    }
+}
+
+#[test]
+fn concurrent_consumers_never_exceed_the_limit() {
+    let g = query_only(kib(256));
+    let (p, d) = pool(&g, 0.1, Duration::from_millis(1));
+    let threads: Vec<_> = (0..4)
+        .map(|i| {
+            let d = Arc::clone(&d);
+            let g = Arc::clone(&g);
+            thread::spawn(move || {
+                let r = MemoryConsumer::new(format!("c{i}"))
+                    .with_can_spill(i % 2 == 0)
+                    .register(&d);
+                for n in 0..2000 {
+                    let bytes = 512 + (n * 97 + i * 31) % 4096;
+                    if r.try_grow(bytes).is_err() {
+                        r.free();
+                    }
+                    assert!(g.reserved(EngineId::Query) <= kib(256));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(p.reserved(), 0);
+    assert_eq!(g.reserved(EngineId::Query), 0);
+    assert_eq!(p.stats().over_released, 0);
+}
