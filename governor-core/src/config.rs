@@ -1,0 +1,427 @@
+//! Configuration: the ceiling, each engine's budget and the policy knobs.
+//!
+//! Built with [`GovernorConfig::builder`]; every invariant the governor relies on is checked in
+//! [`GovernorConfigBuilder::build`], so a governor can never start from a configuration that
+//! could break its promises. Each error names the field and says how to fix it.
+
+use std::time::Duration;
+
+use crate::engine::{EngineId, human_bytes};
+use crate::error::MemError;
+
+/// One engine's budget: a hard `limit` and a guaranteed `floor`.
+///
+/// The engine may always hold up to its floor (if others borrowed it, they are asked to give it
+/// back); above the floor it *borrows* idle memory of other engines, up to its limit, while the
+/// global ceiling has room.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EngineBudget {
+    limit: usize,
+    floor: usize,
+}
+
+impl EngineBudget {
+    /// A budget with a hard `limit` in bytes and no guaranteed floor.
+    pub const fn new(limit: usize) -> Self {
+        Self { limit, floor: 0 }
+    }
+
+    /// Guarantees `floor` bytes to the engine: memory others borrowed below it is reclaimed for it.
+    #[must_use]
+    pub const fn with_floor(mut self, floor: usize) -> Self {
+        self.floor = floor;
+        self
+    }
+
+    /// The hard limit in bytes.
+    pub const fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// The guaranteed floor in bytes.
+    pub const fn floor(&self) -> usize {
+        self.floor
+    }
+}
+
+/// Utilisation percentages at which pressure rises to Warning, Critical and Emergency.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PressureThresholds {
+    /// Percent of the limit (or ceiling) at which pressure becomes Warning (default 70).
+    pub warning_pct: u8,
+    /// Percent at which pressure becomes Critical (default 85).
+    pub critical_pct: u8,
+    /// Percent at which pressure becomes Emergency (default 95).
+    pub emergency_pct: u8,
+}
+
+impl Default for PressureThresholds {
+    fn default() -> Self {
+        Self {
+            warning_pct: 70,
+            critical_pct: 85,
+            emergency_pct: 95,
+        }
+    }
+}
+
+impl PressureThresholds {
+    fn validate(self) -> Result<(), MemError> {
+        let Self {
+            warning_pct: w,
+            critical_pct: c,
+            emergency_pct: e,
+        } = self;
+        if !(0 < w && w < c && c < e && e <= 100) {
+            return Err(MemError::config(
+                "pressure_thresholds",
+                format!(
+                    "thresholds must increase strictly and stay within 1..=100 \
+                     (warning < critical < emergency <= 100), got {w}/{c}/{e}; the default is 70/85/95"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A validated governor configuration. Build one with [`GovernorConfig::builder`].
+#[derive(Clone, Debug)]
+pub struct GovernorConfig {
+    pub(crate) ceiling: usize,
+    pub(crate) engines: [Option<EngineBudget>; EngineId::COUNT],
+    pub(crate) thresholds: PressureThresholds,
+    pub(crate) reclaim_timeout: Duration,
+    pub(crate) shards: usize,
+}
+
+impl GovernorConfig {
+    /// Starts a configuration. A ceiling and at least one engine are required.
+    pub fn builder() -> GovernorConfigBuilder {
+        GovernorConfigBuilder::default()
+    }
+
+    /// The global ceiling in bytes.
+    pub fn ceiling(&self) -> usize {
+        self.ceiling
+    }
+
+    /// The budget configured for `engine`, if any.
+    pub fn budget(&self, engine: EngineId) -> Option<EngineBudget> {
+        self.engines[engine.index()]
+    }
+
+    /// The pressure thresholds.
+    pub fn thresholds(&self) -> PressureThresholds {
+        self.thresholds
+    }
+
+    /// How long one reclaimer may take before it is abandoned and reported.
+    pub fn reclaim_timeout(&self) -> Duration {
+        self.reclaim_timeout
+    }
+
+    /// Number of admission shards per engine (see the `ledger` module).
+    pub fn reservation_shards(&self) -> usize {
+        self.shards
+    }
+}
+
+/// Builder for [`GovernorConfig`]; invalid settings fail at [`build`](Self::build).
+#[derive(Clone, Debug, Default)]
+pub struct GovernorConfigBuilder {
+    ceiling: Option<usize>,
+    engines: Vec<(EngineId, EngineBudget)>,
+    thresholds: Option<PressureThresholds>,
+    reclaim_timeout: Option<Duration>,
+    shards: Option<usize>,
+}
+
+/// The reclaim timeout used when none is configured.
+pub const DEFAULT_RECLAIM_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Largest number of admission shards per engine.
+pub const MAX_SHARDS: usize = 64;
+
+impl GovernorConfigBuilder {
+    /// The process-wide ceiling in bytes: the sum of all reservations never exceeds it.
+    #[must_use]
+    pub fn global_ceiling(mut self, bytes: usize) -> Self {
+        self.ceiling = Some(bytes);
+        self
+    }
+
+    /// Gives `engine` a budget. Configuring the same engine twice is an error at `build()`.
+    #[must_use]
+    pub fn engine(mut self, engine: EngineId, budget: EngineBudget) -> Self {
+        self.engines.push((engine, budget));
+        self
+    }
+
+    /// Overrides the default 70/85/95 pressure thresholds.
+    #[must_use]
+    pub fn pressure_thresholds(mut self, thresholds: PressureThresholds) -> Self {
+        self.thresholds = Some(thresholds);
+        self
+    }
+
+    /// How long one reclaimer may run before it is abandoned and reported (default 5 s).
+    #[must_use]
+    pub fn reclaim_timeout(mut self, timeout: Duration) -> Self {
+        self.reclaim_timeout = Some(timeout);
+        self
+    }
+
+    /// Number of admission shards per engine (default: the machine's parallelism, rounded up to
+    /// a power of two, at most 64). One shard gives exact per-call accounting at the cost of
+    /// contention on a single atomic; see the `ledger` module.
+    #[must_use]
+    pub fn reservation_shards(mut self, shards: usize) -> Self {
+        self.shards = Some(shards);
+        self
+    }
+
+    /// Checks every invariant and returns the configuration.
+    pub fn build(self) -> Result<GovernorConfig, MemError> {
+        let ceiling = self.ceiling.ok_or_else(|| {
+            MemError::config(
+                "global_ceiling",
+                "no ceiling set; call .global_ceiling(bytes) with the most memory all engines may hold together",
+            )
+        })?;
+        if ceiling == 0 {
+            return Err(MemError::config(
+                "global_ceiling",
+                "the ceiling is 0 bytes, so nothing could ever be reserved; set it to the process's memory allowance",
+            ));
+        }
+        if self.engines.is_empty() {
+            return Err(MemError::config(
+                "engine",
+                "no engine has a budget; add at least one with .engine(EngineId::.., EngineBudget::new(limit))",
+            ));
+        }
+        let mut engines = [None; EngineId::COUNT];
+        let mut floors: usize = 0;
+        for (engine, budget) in &self.engines {
+            let slot = &mut engines[engine.index()];
+            if slot.is_some() {
+                return Err(MemError::config(
+                    format!("engine({engine})"),
+                    "configured twice; give each engine exactly one budget",
+                ));
+            }
+            validate_budget(*engine, *budget, ceiling)?;
+            floors = floors.saturating_add(budget.floor);
+            *slot = Some(*budget);
+        }
+        if floors > ceiling {
+            return Err(MemError::config(
+                "floor",
+                format!(
+                    "the floors add up to {} but the ceiling is {}; guaranteed shares cannot all be honoured, \
+                     lower some floors or raise the ceiling",
+                    human_bytes(floors),
+                    human_bytes(ceiling)
+                ),
+            ));
+        }
+        let thresholds = self.thresholds.unwrap_or_default();
+        thresholds.validate()?;
+        let reclaim_timeout = self.reclaim_timeout.unwrap_or(DEFAULT_RECLAIM_TIMEOUT);
+        if reclaim_timeout.is_zero() {
+            return Err(MemError::config(
+                "reclaim_timeout",
+                "a zero timeout would abandon every reclaimer at once; use at least a few milliseconds",
+            ));
+        }
+        let shards = match self.shards {
+            Some(0) => {
+                return Err(MemError::config(
+                    "reservation_shards",
+                    "0 shards; use 1 for exact single-atomic accounting or more for many threads",
+                ));
+            }
+            Some(n) if n > MAX_SHARDS => {
+                return Err(MemError::config(
+                    "reservation_shards",
+                    format!("{n} shards is more than the maximum of {MAX_SHARDS}"),
+                ));
+            }
+            Some(n) => n,
+            None => default_shards(),
+        };
+        Ok(GovernorConfig {
+            ceiling,
+            engines,
+            thresholds,
+            reclaim_timeout,
+            shards,
+        })
+    }
+}
+
+/// Checks one engine's budget against the ceiling; shared by `build()` and run-time updates.
+pub(crate) fn validate_budget(
+    engine: EngineId,
+    budget: EngineBudget,
+    ceiling: usize,
+) -> Result<(), MemError> {
+    if budget.limit == 0 {
+        return Err(MemError::config(
+            format!("engine({engine}).limit"),
+            "the limit is 0 bytes; leave the engine out instead, or give it a positive limit",
+        ));
+    }
+    if budget.floor > budget.limit {
+        return Err(MemError::config(
+            format!("engine({engine}).floor"),
+            format!(
+                "the floor ({}) is above the limit ({}); a guarantee cannot exceed the maximum, lower the floor",
+                human_bytes(budget.floor),
+                human_bytes(budget.limit)
+            ),
+        ));
+    }
+    if budget.limit > ceiling {
+        return Err(MemError::config(
+            format!("engine({engine}).limit"),
+            format!(
+                "the limit ({}) is above the global ceiling ({}); no engine can hold more than the ceiling, \
+                 lower the limit to at most the ceiling",
+                human_bytes(budget.limit),
+                human_bytes(ceiling)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn default_shards() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .next_power_of_two()
+        .min(MAX_SHARDS)
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::engine::mib;
+
+    fn field_of(err: MemError) -> String {
+        match err {
+            MemError::InvalidConfig { field, .. } => field,
+            other => panic!("expected InvalidConfig, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn valid_config_builds_and_limits_may_oversubscribe() {
+        let cfg = GovernorConfig::builder()
+            .global_ceiling(mib(100))
+            .engine(
+                EngineId::Query,
+                EngineBudget::new(mib(80)).with_floor(mib(20)),
+            )
+            .engine(
+                EngineId::Vector,
+                EngineBudget::new(mib(80)).with_floor(mib(40)),
+            )
+            .build()
+            .expect("valid");
+        assert_eq!(cfg.ceiling(), mib(100));
+        assert_eq!(cfg.budget(EngineId::Vector).unwrap().floor(), mib(40));
+        assert!(cfg.budget(EngineId::Wal).is_none());
+        assert_eq!(cfg.thresholds(), PressureThresholds::default());
+    }
+
+    #[test]
+    fn each_invalid_setting_names_its_field() {
+        let base = || GovernorConfig::builder().global_ceiling(mib(100));
+        let q = EngineId::Query;
+        assert_eq!(
+            field_of(GovernorConfig::builder().build().unwrap_err()),
+            "global_ceiling"
+        );
+        assert_eq!(
+            field_of(
+                GovernorConfig::builder()
+                    .global_ceiling(0)
+                    .engine(q, EngineBudget::new(1))
+                    .build()
+                    .unwrap_err()
+            ),
+            "global_ceiling"
+        );
+        assert_eq!(field_of(base().build().unwrap_err()), "engine");
+        assert_eq!(
+            field_of(
+                base()
+                    .engine(q, EngineBudget::new(mib(10)).with_floor(mib(11)))
+                    .build()
+                    .unwrap_err()
+            ),
+            "engine(query).floor"
+        );
+        assert_eq!(
+            field_of(
+                base()
+                    .engine(q, EngineBudget::new(mib(101)))
+                    .build()
+                    .unwrap_err()
+            ),
+            "engine(query).limit"
+        );
+        assert_eq!(
+            field_of(
+                base()
+                    .engine(q, EngineBudget::new(mib(60)).with_floor(mib(60)))
+                    .engine(
+                        EngineId::Wal,
+                        EngineBudget::new(mib(60)).with_floor(mib(41))
+                    )
+                    .build()
+                    .unwrap_err()
+            ),
+            "floor"
+        );
+        assert_eq!(
+            field_of(
+                base()
+                    .engine(q, EngineBudget::new(1))
+                    .engine(q, EngineBudget::new(2))
+                    .build()
+                    .unwrap_err()
+            ),
+            "engine(query)"
+        );
+        for (w, c, e) in [(70, 70, 95), (85, 70, 95), (70, 85, 101), (0, 85, 95)] {
+            let t = PressureThresholds {
+                warning_pct: w,
+                critical_pct: c,
+                emergency_pct: e,
+            };
+            assert_eq!(
+                field_of(
+                    base()
+                        .engine(q, EngineBudget::new(1))
+                        .pressure_thresholds(t)
+                        .build()
+                        .unwrap_err()
+                ),
+                "pressure_thresholds"
+            );
+        }
+        assert_eq!(
+            field_of(
+                base()
+                    .engine(q, EngineBudget::new(1))
+                    .reservation_shards(0)
+                    .build()
+                    .unwrap_err()
+            ),
+            "reservation_shards"
+        );
+    }
+}

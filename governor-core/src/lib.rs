@@ -1,0 +1,117 @@
+//! # governor-core: one memory budget for a process of many engines
+//!
+//! A database process that runs a SQL engine, a vector index, a timeseries store and more has
+//! one pool of RAM and no referee: a large `GROUP BY` grows until the kernel kills the process,
+//! a timeseries flush pushes the vector index's hot layers out. The [`MemoryGovernor`] is that
+//! referee. Every engine ([`EngineId`]) gets a *budget* — a hard **limit** and a guaranteed
+//! **floor** — under one global **ceiling**, and every byte an engine wants to hold is first
+//! reserved through the governor.
+//!
+//! ```text
+//!             ┌─────────────────────── ceiling (e.g. 8 GiB) ────────────────────────┐
+//!   ledger    │ vector ███████░░░ │ timeseries ████░░ │ query ██████████▒▒▒▒ │ free │
+//!             └───────────────────────────────────────────────────────────────────────┘
+//!                  █ reserved within floor   ░ idle floor (lendable)   ▒ borrowed
+//!
+//!   adapters ──try_reserve/reserve/charge──▶ MemoryGovernor ──▶ ledger (atomics, loom-checked)
+//!      ▲                                          │
+//!      └────── Reclaimer::reclaim(target) ◀───────┘  (spill / flush / evict, largest borrower first)
+//! ```
+//!
+//! ## The ledger and admission
+//!
+//! Admission is a pair of compare-and-swaps, each against its own bound: the engine's room
+//! under its limit, then the room under the global ceiling (rolled back if the ceiling says
+//! no). Because each counter is only ever raised by a CAS that checks it, two invariants hold
+//! at *every instant*, under any interleaving of threads: **Σ reserved ≤ ceiling** and, for
+//! every engine, **reserved ≤ limit**. Small reservations are served from per-thread *credit*
+//! (a quantum of bytes granted ahead), so the hot path is one uncontended atomic, as cheap as
+//! DataFusion's `GreedyMemoryPool`, and scales with threads. See the `ledger` module; a loom
+//! model checks it.
+//!
+//! A reservation is a [`ReservationToken`]: RAII, so dropping it gives the bytes back; it can
+//! grow, shrink, split and merge but never release more than it holds. Memory that already
+//! exists (loaded at start-up, replayed from the WAL) is booked with
+//! [`MemoryGovernor::charge`], which never fails and shows any excess as overcommit.
+//!
+//! ## Lending and reclaim
+//!
+//! Limits may add up to more than the ceiling: that is how idle memory is lent. An engine may
+//! grow past its floor, up to its limit, while the ceiling has room — it borrows other engines'
+//! idle floors. When an engine *below its floor* is refused because others borrowed, the
+//! governor asks the borrowers, largest borrowing first, to give memory back through the
+//! [`Reclaimer`] they registered (a DataFusion sort spills, a memtable flushes, the HNSW cache
+//! evicts cold segments). Synchronous callers are refused at once so they can spill;
+//! [`MemoryGovernor::reserve`] callers wait, bounded by a timeout, while the reclaim runs. A
+//! reclaimer that errors, panics or hangs is reported and skipped; it cannot wedge the
+//! governor. The `rebalance` module states the policy and runs it on a timer.
+//!
+//! ## Pressure
+//!
+//! Each engine and the process have a [`PressureLevel`] (Normal, Warning, Critical, Emergency
+//! at 70/85/95 % by default). Adapters subscribe to changes and act: flush at Warning, throttle
+//! at Critical, shed at Emergency. [`SpillController`] gives consumers hysteresis.
+//!
+//! ## Truth from the allocator
+//!
+//! Reservations are promises, not RSS. The `alloc` module reads jemalloc's and the kernel's
+//! figures; the `rss_monitor` charges the gap between real resident memory and Σ reserved to an
+//! *untracked* account, so the room for reservations shrinks when memory leaks out of the
+//! books. The `numa` module places threads and arenas on NUMA nodes.
+//!
+//! ## Example
+//!
+//! ```
+//! use governor_core::{EngineBudget, EngineId, GovernorConfig, MemError, MemoryGovernor, mib};
+//!
+//! let config = GovernorConfig::builder()
+//!     .global_ceiling(mib(100))
+//!     .engine(EngineId::Query, EngineBudget::new(mib(80)).with_floor(mib(20)))
+//!     .engine(EngineId::Timeseries, EngineBudget::new(mib(60)).with_floor(mib(40)))
+//!     .build()?;
+//! let governor = MemoryGovernor::new(config)?;
+//!
+//! // The query borrows the timeseries engine's idle floor...
+//! let query = governor.try_reserve(EngineId::Query, mib(70))?;
+//! assert_eq!(governor.borrowed(EngineId::Query), mib(50));
+//! // ...so the ceiling, not the timeseries budget, refuses this one, and names who holds it.
+//! let err = governor.try_reserve(EngineId::Timeseries, mib(40)).unwrap_err();
+//! assert!(matches!(err, MemError::GlobalCeilingExceeded { .. }));
+//! assert!(err.to_string().contains("query 70.0 MiB"));
+//! drop(query);
+//! assert!(governor.try_reserve(EngineId::Timeseries, mib(40)).is_ok());
+//! # Ok::<(), MemError>(())
+//! ```
+
+mod config;
+mod engine;
+mod error;
+mod governor;
+mod ledger;
+mod loom;
+pub mod metrics;
+pub mod pressure;
+pub mod rebalance;
+pub mod reclaim;
+mod reservation;
+pub mod spill;
+
+pub use config::{
+    DEFAULT_RECLAIM_TIMEOUT, EngineBudget, GovernorConfig, GovernorConfigBuilder, MAX_SHARDS,
+    PressureThresholds,
+};
+pub use engine::{EngineId, gib, human_bytes, kib, mib};
+pub use error::{Holders, MemError};
+pub use governor::MemoryGovernor;
+pub use metrics::{
+    ConsumerSnapshot, ConsumerStatsSource, EngineSnapshot, GovernorSnapshot, StatsSourceHandle,
+};
+pub use pressure::PressureLevel;
+pub use rebalance::{RebalancePolicy, RebalanceReport, RebalancerHandle};
+pub use reclaim::{
+    ReclaimError, ReclaimOutcome, ReclaimScope, ReclaimStep, Reclaimer, ReclaimerHandle,
+};
+pub use reservation::ReservationToken;
+pub use spill::{SpillAction, SpillConfig, SpillController};
+
+// --- allocator & NUMA (issue 6) ---

@@ -1,0 +1,446 @@
+//! Metrics: a consistent-enough [`GovernorSnapshot`] of the books, rendered as Prometheus text.
+//!
+//! The snapshot reads the ledger without stopping it, so under load two figures may be a few
+//! operations apart; each single figure is one atomic read. Adapters add their own consumers
+//! (DataFusion operators, HNSW segments, memtables) through [`ConsumerStatsSource`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::engine::EngineId;
+use crate::governor::MemoryGovernor;
+use crate::pressure::PressureLevel;
+
+/// One engine's figures.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineSnapshot {
+    /// The engine.
+    pub engine: EngineId,
+    /// Whether it has a budget.
+    pub configured: bool,
+    /// Bytes held by live tokens.
+    pub reserved: usize,
+    /// Bytes granted (tokens plus idle per-thread credit).
+    pub granted: usize,
+    /// Guaranteed floor.
+    pub floor: usize,
+    /// Hard limit.
+    pub limit: usize,
+    /// High-water mark of `granted`.
+    pub peak: usize,
+    /// Bytes held above the floor (borrowed from others' idle floors).
+    pub borrowed: usize,
+    /// Bytes booked past the limit by `charge`/`force_grow`.
+    pub overcommit: usize,
+    /// Total bytes ever booked through `charge`/`force_grow`.
+    pub forced_bytes: u64,
+    /// Denied reservations.
+    pub rejections: u64,
+    /// Reclaim calls made to this engine's reclaimers.
+    pub reclaim_requests: u64,
+    /// Bytes its reclaimers reported freed.
+    pub reclaimed_bytes: u64,
+    /// Reclaim calls that failed, panicked or timed out.
+    pub reclaim_failures: u64,
+    /// Bytes async reservations of this engine are waiting for.
+    pub waiting_bytes: usize,
+    /// Pressure level.
+    pub pressure: PressureLevel,
+}
+
+/// One adapter-level consumer's figures (a DataFusion operator, an HNSW cache, a memtable).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsumerSnapshot {
+    /// The engine it draws on.
+    pub engine: EngineId,
+    /// Its name, unique within the engine.
+    pub name: String,
+    /// Bytes it holds.
+    pub reserved: usize,
+    /// Its high-water mark.
+    pub peak: usize,
+    /// How often it was denied (for spilling operators: how often it had to spill).
+    pub denials: u64,
+    /// Bytes it keeps resident under pressure (HNSW routing layers).
+    pub pinned: usize,
+}
+
+/// A source of consumer figures, registered by an adapter.
+pub trait ConsumerStatsSource: Send + Sync {
+    /// The consumers' current figures.
+    fn consumers(&self) -> Vec<ConsumerSnapshot>;
+}
+
+/// Everything the governor knows, at one moment.
+#[derive(Clone, Debug)]
+pub struct GovernorSnapshot {
+    /// Per configured-or-used engine figures, in [`EngineId::ALL`] order.
+    pub engines: Vec<EngineSnapshot>,
+    /// Bytes held by live tokens of all engines.
+    pub global_reserved: usize,
+    /// Untracked memory charged by the RSS monitor.
+    pub untracked: usize,
+    /// Everything counted against the ceiling (grants plus untracked).
+    pub global_granted: usize,
+    /// The ceiling.
+    pub ceiling: usize,
+    /// High-water mark of `global_granted`.
+    pub global_peak: usize,
+    /// Denials because of the ceiling.
+    pub global_rejections: u64,
+    /// Process pressure level.
+    pub global_pressure: PressureLevel,
+    /// Adapter consumers.
+    pub consumers: Vec<ConsumerSnapshot>,
+}
+
+impl GovernorSnapshot {
+    /// The figures of `engine`.
+    pub fn engine(&self, engine: EngineId) -> Option<&EngineSnapshot> {
+        self.engines.iter().find(|e| e.engine == engine)
+    }
+
+    /// Renders the snapshot in the Prometheus text exposition format.
+    pub fn to_prometheus(&self) -> String {
+        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+        struct EngineLabel {
+            engine: String,
+        }
+        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+        struct ConsumerLabel {
+            engine: String,
+            consumer: String,
+        }
+        fn gauge(registry: &mut Registry, name: &str, help: &str, value: usize) {
+            let g: Gauge = Gauge::default();
+            g.set(i64::try_from(value).unwrap_or(i64::MAX));
+            registry.register(name, help, g);
+        }
+        fn engine_gauge(
+            registry: &mut Registry,
+            snapshot: &GovernorSnapshot,
+            name: &str,
+            help: &str,
+            value: impl Fn(&EngineSnapshot) -> usize,
+        ) {
+            let family = Family::<EngineLabel, Gauge>::default();
+            for e in snapshot
+                .engines
+                .iter()
+                .filter(|e| e.configured || e.reserved > 0)
+            {
+                family
+                    .get_or_create(&EngineLabel {
+                        engine: e.engine.to_string(),
+                    })
+                    .set(i64::try_from(value(e)).unwrap_or(i64::MAX));
+            }
+            registry.register(name, help, family);
+        }
+        fn engine_counter(
+            registry: &mut Registry,
+            snapshot: &GovernorSnapshot,
+            name: &str,
+            help: &str,
+            value: impl Fn(&EngineSnapshot) -> u64,
+        ) {
+            let family = Family::<EngineLabel, Counter>::default();
+            for e in snapshot
+                .engines
+                .iter()
+                .filter(|e| e.configured || e.reserved > 0)
+            {
+                family
+                    .get_or_create(&EngineLabel {
+                        engine: e.engine.to_string(),
+                    })
+                    .inc_by(value(e));
+            }
+            registry.register(name, help, family);
+        }
+        fn consumer_gauge(
+            registry: &mut Registry,
+            snapshot: &GovernorSnapshot,
+            name: &str,
+            help: &str,
+            value: impl Fn(&ConsumerSnapshot) -> usize,
+        ) {
+            let family = Family::<ConsumerLabel, Gauge>::default();
+            for c in &snapshot.consumers {
+                family
+                    .get_or_create(&ConsumerLabel {
+                        engine: c.engine.to_string(),
+                        consumer: c.name.clone(),
+                    })
+                    .set(i64::try_from(value(c)).unwrap_or(i64::MAX));
+            }
+            registry.register(name, help, family);
+        }
+
+        let mut registry = Registry::with_prefix("memgov");
+        let r = &mut registry;
+        gauge(r, "ceiling_bytes", "Global memory ceiling", self.ceiling);
+        gauge(
+            r,
+            "reserved_bytes",
+            "Bytes held by live reservations of all engines",
+            self.global_reserved,
+        );
+        gauge(
+            r,
+            "untracked_bytes",
+            "Resident memory outside any reservation, charged against the ceiling",
+            self.untracked,
+        );
+        gauge(
+            r,
+            "granted_bytes",
+            "Bytes counted against the ceiling",
+            self.global_granted,
+        );
+        gauge(
+            r,
+            "peak_bytes",
+            "High-water mark of bytes counted against the ceiling",
+            self.global_peak,
+        );
+        gauge(
+            r,
+            "pressure_level",
+            "Global pressure: 0 normal, 1 warning, 2 critical, 3 emergency",
+            self.global_pressure as usize,
+        );
+        let c: Counter = Counter::default();
+        c.inc_by(self.global_rejections);
+        r.register(
+            "ceiling_rejections",
+            "Reservations denied by the global ceiling",
+            c,
+        );
+        engine_gauge(
+            r,
+            self,
+            "engine_reserved_bytes",
+            "Bytes held by the engine's live reservations",
+            |e| e.reserved,
+        );
+        engine_gauge(
+            r,
+            self,
+            "engine_limit_bytes",
+            "The engine's hard limit",
+            |e| e.limit,
+        );
+        engine_gauge(
+            r,
+            self,
+            "engine_floor_bytes",
+            "The engine's guaranteed floor",
+            |e| e.floor,
+        );
+        engine_gauge(
+            r,
+            self,
+            "engine_peak_bytes",
+            "High-water mark of the engine's grant",
+            |e| e.peak,
+        );
+        engine_gauge(
+            r,
+            self,
+            "engine_borrowed_bytes",
+            "Bytes held above the floor",
+            |e| e.borrowed,
+        );
+        engine_gauge(
+            r,
+            self,
+            "engine_overcommit_bytes",
+            "Bytes booked past the limit",
+            |e| e.overcommit,
+        );
+        engine_gauge(
+            r,
+            self,
+            "engine_waiting_bytes",
+            "Bytes async reservations are waiting for",
+            |e| e.waiting_bytes,
+        );
+        engine_gauge(
+            r,
+            self,
+            "engine_pressure_level",
+            "Engine pressure: 0 normal .. 3 emergency",
+            |e| e.pressure as usize,
+        );
+        engine_counter(r, self, "engine_rejections", "Denied reservations", |e| {
+            e.rejections
+        });
+        engine_counter(
+            r,
+            self,
+            "engine_reclaim_requests",
+            "Reclaim calls to the engine's reclaimers",
+            |e| e.reclaim_requests,
+        );
+        engine_counter(
+            r,
+            self,
+            "engine_reclaimed_bytes",
+            "Bytes the engine's reclaimers freed",
+            |e| e.reclaimed_bytes,
+        );
+        engine_counter(
+            r,
+            self,
+            "engine_reclaim_failures",
+            "Reclaim calls that failed, panicked or timed out",
+            |e| e.reclaim_failures,
+        );
+        engine_counter(
+            r,
+            self,
+            "engine_forced_bytes",
+            "Bytes booked without admission (resident memory)",
+            |e| e.forced_bytes,
+        );
+        consumer_gauge(
+            r,
+            self,
+            "consumer_reserved_bytes",
+            "Bytes held by one consumer",
+            |c| c.reserved,
+        );
+        consumer_gauge(
+            r,
+            self,
+            "consumer_peak_bytes",
+            "High-water mark of one consumer",
+            |c| c.peak,
+        );
+        consumer_gauge(
+            r,
+            self,
+            "consumer_pinned_bytes",
+            "Bytes one consumer keeps resident under pressure",
+            |c| c.pinned,
+        );
+        consumer_gauge(
+            r,
+            self,
+            "consumer_denials",
+            "Times one consumer was denied (spilled)",
+            |c| c.denials as usize,
+        );
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+}
+
+/// The registered consumer-stats sources.
+#[derive(Default)]
+pub(crate) struct StatsRegistry {
+    sources: Mutex<Vec<(u64, Arc<dyn ConsumerStatsSource>)>>,
+    next_id: AtomicU64,
+}
+
+/// Keeps a stats source registered; dropping it unregisters.
+#[must_use = "dropping the handle unregisters the stats source"]
+pub struct StatsSourceHandle {
+    governor: Weak<MemoryGovernor>,
+    id: u64,
+}
+
+impl Drop for StatsSourceHandle {
+    fn drop(&mut self) {
+        if let Some(governor) = self.governor.upgrade() {
+            governor
+                .consumer_stats
+                .sources
+                .lock()
+                .retain(|(id, _)| *id != self.id);
+        }
+    }
+}
+
+impl std::fmt::Debug for StatsSourceHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatsSourceHandle")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemoryGovernor {
+    /// Publishes an adapter's consumers in every snapshot while the handle lives.
+    pub fn register_consumer_stats(
+        self: &Arc<Self>,
+        source: Arc<dyn ConsumerStatsSource>,
+    ) -> StatsSourceHandle {
+        let id = self.consumer_stats.next_id.fetch_add(1, Ordering::Relaxed);
+        self.consumer_stats.sources.lock().push((id, source));
+        StatsSourceHandle {
+            governor: Arc::downgrade(self),
+            id,
+        }
+    }
+
+    /// The current figures of every engine and consumer.
+    pub fn snapshot(&self) -> GovernorSnapshot {
+        let engines = EngineId::ALL
+            .iter()
+            .map(|&engine| {
+                let c = &self.counters[engine.index()];
+                let limit = self.limit(engine);
+                let granted = self.granted(engine);
+                EngineSnapshot {
+                    engine,
+                    configured: self.is_configured(engine),
+                    reserved: self.reserved(engine),
+                    granted,
+                    floor: self.floor(engine),
+                    limit,
+                    peak: self.row(engine).peak(),
+                    borrowed: self.borrowed(engine),
+                    overcommit: granted.saturating_sub(limit),
+                    forced_bytes: c.forced_bytes.load(Ordering::Relaxed),
+                    rejections: c.rejections.load(Ordering::Relaxed),
+                    reclaim_requests: c.reclaim_requests.load(Ordering::Relaxed),
+                    reclaimed_bytes: c.reclaimed_bytes.load(Ordering::Relaxed),
+                    reclaim_failures: c.reclaim_failures.load(Ordering::Relaxed),
+                    waiting_bytes: c.waiting_bytes.load(Ordering::Relaxed),
+                    pressure: self.engine_pressure(engine),
+                }
+            })
+            .collect();
+        // Collect the sources first: a source may take its own locks, never while we hold ours.
+        let sources: Vec<_> = self
+            .consumer_stats
+            .sources
+            .lock()
+            .iter()
+            .map(|(_, s)| Arc::clone(s))
+            .collect();
+        let consumers = sources.iter().flat_map(|s| s.consumers()).collect();
+        GovernorSnapshot {
+            engines,
+            global_reserved: self.global_reserved(),
+            untracked: self.untracked(),
+            global_granted: self.ledger.global(),
+            ceiling: self.ceiling(),
+            global_peak: self.ledger.global_peak(),
+            global_rejections: self.global_rejections.load(Ordering::Relaxed),
+            global_pressure: self.global_pressure(),
+            consumers,
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! Pressure levels: how full an engine (or the whole process) is, as a signal adapters act on.
+//!
+//! Levels are derived from utilisation (`granted / limit`, or `global / ceiling`) and the
+//! configured [`PressureThresholds`]. The governor recomputes them whenever an engine's grant
+//! moves (the ledger's slow path), so the hot path pays nothing; adapters subscribe to a
+//! `tokio::sync::watch` channel per engine and see only changes.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use tokio::sync::watch;
+
+use crate::config::PressureThresholds;
+
+/// How close to its limit an engine, or the process to its ceiling, is.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
+pub enum PressureLevel {
+    /// Below the warning threshold: nothing to do.
+    #[default]
+    Normal,
+    /// Past the warning threshold: flush or evict in the background.
+    Warning,
+    /// Past the critical threshold: throttle producers, spill aggressively.
+    Critical,
+    /// Past the emergency threshold: shed everything that can be shed.
+    Emergency,
+}
+
+impl PressureLevel {
+    /// The level for `used` bytes out of `capacity`.
+    pub fn from_utilization(used: usize, capacity: usize, thresholds: &PressureThresholds) -> Self {
+        if capacity == 0 {
+            return PressureLevel::Emergency;
+        }
+        // u128 keeps `used * 100` exact for any usize.
+        let pct = (used as u128 * 100) / capacity as u128;
+        if pct >= u128::from(thresholds.emergency_pct) {
+            PressureLevel::Emergency
+        } else if pct >= u128::from(thresholds.critical_pct) {
+            PressureLevel::Critical
+        } else if pct >= u128::from(thresholds.warning_pct) {
+            PressureLevel::Warning
+        } else {
+            PressureLevel::Normal
+        }
+    }
+
+    /// Lower-case name for logs and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            PressureLevel::Normal => "normal",
+            PressureLevel::Warning => "warning",
+            PressureLevel::Critical => "critical",
+            PressureLevel::Emergency => "emergency",
+        }
+    }
+
+    const fn from_u8(v: u8) -> Self {
+        match v {
+            0 => PressureLevel::Normal,
+            1 => PressureLevel::Warning,
+            2 => PressureLevel::Critical,
+            _ => PressureLevel::Emergency,
+        }
+    }
+}
+
+impl std::fmt::Display for PressureLevel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The current level of one scope (an engine or the process) and its subscribers.
+#[derive(Debug)]
+pub(crate) struct PressureSignal {
+    level: AtomicU8,
+    sender: watch::Sender<PressureLevel>,
+}
+
+impl PressureSignal {
+    pub(crate) fn new() -> Self {
+        let (sender, _) = watch::channel(PressureLevel::Normal);
+        Self {
+            level: AtomicU8::new(PressureLevel::Normal as u8),
+            sender,
+        }
+    }
+
+    /// The last published level.
+    pub(crate) fn level(&self) -> PressureLevel {
+        PressureLevel::from_u8(self.level.load(Ordering::Acquire))
+    }
+
+    /// Publishes `level`; returns the previous level when it changed.
+    pub(crate) fn publish(&self, level: PressureLevel) -> Option<PressureLevel> {
+        let previous = PressureLevel::from_u8(self.level.swap(level as u8, Ordering::AcqRel));
+        if previous == level {
+            return None;
+        }
+        self.sender.send_replace(level);
+        Some(previous)
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<PressureLevel> {
+        self.sender.subscribe()
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thresholds_map_to_levels() {
+        let t = PressureThresholds::default();
+        assert_eq!(
+            PressureLevel::from_utilization(69, 100, &t),
+            PressureLevel::Normal
+        );
+        assert_eq!(
+            PressureLevel::from_utilization(70, 100, &t),
+            PressureLevel::Warning
+        );
+        assert_eq!(
+            PressureLevel::from_utilization(85, 100, &t),
+            PressureLevel::Critical
+        );
+        assert_eq!(
+            PressureLevel::from_utilization(95, 100, &t),
+            PressureLevel::Emergency
+        );
+        assert_eq!(
+            PressureLevel::from_utilization(300, 100, &t),
+            PressureLevel::Emergency
+        );
+        assert_eq!(
+            PressureLevel::from_utilization(usize::MAX, usize::MAX, &t),
+            PressureLevel::Emergency
+        );
+    }
+
+    #[test]
+    fn signal_publishes_only_changes() {
+        let signal = PressureSignal::new();
+        let mut rx = signal.subscribe();
+        assert_eq!(signal.publish(PressureLevel::Normal), None);
+        assert!(!rx.has_changed().unwrap());
+        assert_eq!(
+            signal.publish(PressureLevel::Critical),
+            Some(PressureLevel::Normal)
+        );
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(*rx.borrow_and_update(), PressureLevel::Critical);
+        assert_eq!(signal.level(), PressureLevel::Critical);
+    }
+}

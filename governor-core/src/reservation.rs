@@ -1,0 +1,154 @@
+//! RAII reservations: a [`ReservationToken`] *is* the memory it accounts for.
+//!
+//! There is no `release()` to forget or to call twice: dropping the token gives its bytes back,
+//! and every method that gives bytes back checks that the token holds them first, so a token can
+//! never release more than it holds and the books cannot underflow.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::engine::EngineId;
+use crate::error::MemError;
+use crate::governor::MemoryGovernor;
+
+/// Bytes of one engine's budget, held until the token is dropped.
+///
+/// Obtained from [`MemoryGovernor::try_reserve`], [`MemoryGovernor::reserve`] or
+/// [`MemoryGovernor::charge`]. A zero-sized token is cheap and is the usual starting point for a
+/// consumer that grows as it goes (`governor.try_reserve(engine, 0)`).
+///
+/// ```
+/// use governor_core::{EngineBudget, EngineId, GovernorConfig, MemoryGovernor, mib};
+///
+/// let config = GovernorConfig::builder()
+///     .global_ceiling(mib(64))
+///     .engine(EngineId::Vector, EngineBudget::new(mib(32)))
+///     .build()?;
+/// let governor = MemoryGovernor::new(config)?;
+/// let mut token = governor.try_reserve(EngineId::Vector, mib(8))?;
+/// token.try_grow(mib(8))?;
+/// assert_eq!(governor.reserved(EngineId::Vector), mib(16));
+/// drop(token);
+/// assert_eq!(governor.reserved(EngineId::Vector), 0);
+/// # Ok::<(), governor_core::MemError>(())
+/// ```
+pub struct ReservationToken {
+    governor: Arc<MemoryGovernor>,
+    engine: EngineId,
+    size: usize,
+}
+
+impl ReservationToken {
+    /// Wraps bytes the ledger has already admitted for `engine`.
+    pub(crate) fn new(governor: Arc<MemoryGovernor>, engine: EngineId, size: usize) -> Self {
+        Self {
+            governor,
+            engine,
+            size,
+        }
+    }
+
+    /// Bytes this token holds.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// The engine whose budget this token draws on.
+    pub fn engine(&self) -> EngineId {
+        self.engine
+    }
+
+    /// The governor this token belongs to.
+    pub fn governor(&self) -> &Arc<MemoryGovernor> {
+        &self.governor
+    }
+
+    /// Takes `bytes` more from the engine's budget, or fails without changing anything.
+    pub fn try_grow(&mut self, bytes: usize) -> Result<(), MemError> {
+        self.governor.admit(self.engine, bytes)?;
+        self.size += bytes;
+        Ok(())
+    }
+
+    /// Books `bytes` more that are already allocated, even past the limit or the ceiling; the
+    /// excess is reported as overcommit and raises pressure. For infallible paths only.
+    pub fn force_grow(&mut self, bytes: usize) {
+        self.governor.book_resident(self.engine, bytes);
+        self.size += bytes;
+    }
+
+    /// Gives `bytes` back. Giving back more than the token holds is an error and changes nothing.
+    pub fn shrink(&mut self, bytes: usize) -> Result<(), MemError> {
+        if bytes > self.size {
+            return Err(MemError::ShrinkBeyondHeld {
+                engine: self.engine,
+                requested: bytes,
+                held: self.size,
+            });
+        }
+        self.size -= bytes;
+        self.governor.give_back(self.engine, bytes);
+        Ok(())
+    }
+
+    /// Grows or shrinks the token to exactly `new_size` bytes.
+    pub fn try_resize(&mut self, new_size: usize) -> Result<(), MemError> {
+        if new_size >= self.size {
+            self.try_grow(new_size - self.size)
+        } else {
+            self.shrink(self.size - new_size)
+        }
+    }
+
+    /// Moves `bytes` of this token into a new token of the same engine; the ledger is untouched.
+    pub fn split(&mut self, bytes: usize) -> Result<ReservationToken, MemError> {
+        if bytes > self.size {
+            return Err(MemError::ShrinkBeyondHeld {
+                engine: self.engine,
+                requested: bytes,
+                held: self.size,
+            });
+        }
+        self.size -= bytes;
+        Ok(ReservationToken::new(
+            Arc::clone(&self.governor),
+            self.engine,
+            bytes,
+        ))
+    }
+
+    /// Absorbs `other` into this token. Both must belong to the same governor and engine;
+    /// otherwise `other` is handed back unchanged.
+    pub fn merge(&mut self, mut other: ReservationToken) -> Result<(), ReservationToken> {
+        if other.engine != self.engine || !Arc::ptr_eq(&other.governor, &self.governor) {
+            return Err(other);
+        }
+        self.size += std::mem::take(&mut other.size);
+        Ok(())
+    }
+
+    /// Gives everything back now and returns how many bytes that was; the token stays usable
+    /// (at size 0).
+    pub fn free(&mut self) -> usize {
+        let bytes = std::mem::take(&mut self.size);
+        self.governor.give_back(self.engine, bytes);
+        bytes
+    }
+}
+
+impl Drop for ReservationToken {
+    fn drop(&mut self) {
+        if self.size > 0 {
+            self.governor.give_back(self.engine, self.size);
+        }
+    }
+}
+
+impl fmt::Debug for ReservationToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReservationToken")
+            .field("engine", &self.engine)
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
