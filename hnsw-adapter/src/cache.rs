@@ -1,0 +1,931 @@
+//! [`HnswCache`]: many segments under one Vector budget, loaded on demand, evicted coldest
+//! first, hot ones pinned.
+//!
+//! Every segment is a [`Slot`]: its manifest (where its dump is), and, while resident, an
+//! `Arc<GovernedHnsw>` holding its reservation. A slot's mutex is held for the whole load,
+//! so concurrent searches of a cold segment wait for one load instead of starting several.
+//! Searches and inserts clone the `Arc` under that mutex and work outside it; eviction takes
+//! the mutex too and skips a segment whose `Arc` is shared, so memory in use is never
+//! "freed" on the books while a search still walks it.
+//!
+//! Eviction order: unpinned segments by last access (least recent first), then — only in a
+//! global Emergency — pinned ones the same way.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use governor_core::{
+    ConsumerSnapshot, ConsumerStatsSource, EngineId, MemError, MemoryGovernor, PressureLevel,
+    ReclaimError, Reclaimer, ReclaimerHandle, ReservationToken, StatsSourceHandle,
+};
+use parking_lot::{Mutex, RwLock};
+
+use crate::error::HnswError;
+use crate::segment::{GovernedHnsw, HnswParams, SearchHit, SegmentId, check_vector};
+use crate::store::{self, SegmentManifest};
+
+/// How many times an insert or load evicts and retries before it reports backpressure;
+/// more only helps when other threads keep taking the memory we free.
+const MAX_ATTEMPTS: usize = 4;
+
+/// How the cache answers pressure it is told about (see [`HnswCache::spawn_pressure_watcher`]).
+///
+/// Global pressure means *other* engines need memory: shed cold segments in proportion.
+/// The Vector engine's own pressure means the cache is nearly full, which a cache normally
+/// is; shedding down to `engine_headroom_pct` below the limit keeps room for the next load
+/// or insert so the foreground path rarely has to evict synchronously.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PressurePolicy {
+    /// Share of unpinned resident bytes evicted on global Warning (default 25).
+    pub warning_shed_pct: u8,
+    /// Share evicted on global Critical (default 75). Pinned segments stay.
+    pub critical_shed_pct: u8,
+    /// On Vector engine Critical or worse, evict cold segments until this share of the
+    /// Vector limit is free (default 10).
+    pub engine_headroom_pct: u8,
+}
+
+impl Default for PressurePolicy {
+    fn default() -> Self {
+        Self {
+            warning_shed_pct: 25,
+            critical_shed_pct: 75,
+            engine_headroom_pct: 10,
+        }
+    }
+}
+
+/// Figures of one cache, for dashboards and tests.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Segments known (resident or on disk).
+    pub segments: usize,
+    /// Segments in memory.
+    pub resident_segments: usize,
+    /// Segments marked hot.
+    pub pinned_segments: usize,
+    /// Bytes held by resident segments.
+    pub resident_bytes: usize,
+    /// Bytes held by resident pinned segments.
+    pub pinned_bytes: usize,
+    /// Highest `resident_bytes` seen.
+    pub peak_resident_bytes: usize,
+    /// Searches and inserts that found their segment resident.
+    pub hits: u64,
+    /// Segments loaded from disk.
+    pub loads: u64,
+    /// Segments evicted.
+    pub evictions: u64,
+    /// Bytes released by evictions.
+    pub evicted_bytes: u64,
+    /// Loads or inserts refused for lack of Vector memory.
+    pub denials: u64,
+    /// Reclaim requests served (governor or pressure).
+    pub reclaims: u64,
+    /// Slowest reclaim request.
+    pub reclaim_max_latency: Duration,
+    /// Sum of reclaim latencies (divide by `reclaims` for the mean).
+    pub reclaim_total_latency: Duration,
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    loads: AtomicU64,
+    evictions: AtomicU64,
+    evicted_bytes: AtomicU64,
+    denials: AtomicU64,
+    reclaims: AtomicU64,
+    reclaim_max_ns: AtomicU64,
+    reclaim_total_ns: AtomicU64,
+    peak: AtomicUsize,
+}
+
+struct SlotBody {
+    resident: Option<Arc<GovernedHnsw>>,
+    /// Where the last persist put it; `None` until the first persist.
+    manifest: Option<SegmentManifest>,
+}
+
+struct Slot {
+    id: SegmentId,
+    body: Mutex<SlotBody>,
+    pinned: AtomicBool,
+    last_access: AtomicU64,
+}
+
+pub(crate) struct Inner {
+    governor: Arc<MemoryGovernor>,
+    dir: PathBuf,
+    params: HnswParams,
+    policy: PressurePolicy,
+    name: String,
+    slots: RwLock<BTreeMap<SegmentId, Arc<Slot>>>,
+    clock: AtomicU64,
+    counters: Counters,
+}
+
+/// Builds an [`HnswCache`]; see [`HnswCache::builder`].
+pub struct HnswCacheBuilder {
+    governor: Arc<MemoryGovernor>,
+    dir: PathBuf,
+    params: Option<HnswParams>,
+    policy: PressurePolicy,
+    name: String,
+}
+
+impl HnswCacheBuilder {
+    /// Settings for segments this cache creates (required unless the directory already
+    /// holds segments, whose own settings are kept).
+    #[must_use]
+    pub fn params(mut self, params: HnswParams) -> Self {
+        self.params = Some(params);
+        self
+    }
+
+    /// Reaction to pressure; default [`PressurePolicy::default`].
+    #[must_use]
+    pub fn pressure_policy(mut self, policy: PressurePolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Name in metrics (default `hnsw-cache`), unique per cache within the Vector engine.
+    #[must_use]
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Opens the directory (creating it), registers every persisted segment as cold, and
+    /// registers the cache with the governor as the Vector engine's reclaimer and as a
+    /// source of consumer stats.
+    pub fn build(self) -> Result<HnswCache, HnswError> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| HnswError::io(&self.dir, e))?;
+        let manifests = store::scan(&self.dir)?;
+        let params = match (self.params, manifests.first()) {
+            (Some(p), _) => p,
+            (None, Some(m)) => m.params(),
+            (None, None) => {
+                return Err(HnswError::InvalidConfig {
+                    field: "params",
+                    reason: "an empty cache directory needs HnswCacheBuilder::params(..) to \
+                             know how to build new segments"
+                        .to_owned(),
+                });
+            }
+        };
+        params.validate()?;
+        for (field, pct) in [
+            ("warning_shed_pct", self.policy.warning_shed_pct),
+            ("critical_shed_pct", self.policy.critical_shed_pct),
+            ("engine_headroom_pct", self.policy.engine_headroom_pct),
+        ] {
+            if pct > 100 {
+                return Err(HnswError::InvalidConfig {
+                    field,
+                    reason: format!("{pct} is not a percentage (0..=100)"),
+                });
+            }
+        }
+        let mut slots = BTreeMap::new();
+        for m in manifests {
+            let id = m.segment()?;
+            slots.insert(
+                id.clone(),
+                Arc::new(Slot {
+                    id,
+                    body: Mutex::new(SlotBody {
+                        resident: None,
+                        manifest: Some(m),
+                    }),
+                    pinned: AtomicBool::new(false),
+                    last_access: AtomicU64::new(0),
+                }),
+            );
+        }
+        let inner = Arc::new(Inner {
+            governor: Arc::clone(&self.governor),
+            dir: self.dir,
+            params,
+            policy: self.policy,
+            name: self.name,
+            slots: RwLock::new(slots),
+            clock: AtomicU64::new(1),
+            counters: Counters::default(),
+        });
+        // The governor holds these adapters, not the cache: a Weak lets the cache drop.
+        let reclaimer = self.governor.register_reclaimer(
+            EngineId::Vector,
+            Arc::new(CacheReclaimer(Arc::downgrade(&inner))),
+        );
+        let stats = self
+            .governor
+            .register_consumer_stats(Arc::new(CacheStatsSource(Arc::downgrade(&inner))));
+        Ok(HnswCache {
+            inner,
+            _reclaimer: reclaimer,
+            _stats: stats,
+            watcher: Mutex::new(None),
+        })
+    }
+}
+
+/// Many HNSW segments (one per collection shard) under the Vector engine's budget.
+///
+/// Pick it when the vectors do not all fit the Vector budget: segments live on disk in
+/// `hnsw_rs`'s dump format and are loaded when searched; cold ones are evicted when a load
+/// or insert needs room, when pressure rises, and when the governor reclaims. Segments
+/// marked hot ([`HnswCache::pin`]) hold the routing data a workload needs every time and
+/// stay resident through Warning and Critical pressure.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use governor_core::{EngineBudget, EngineId, GovernorConfig, MemoryGovernor, mib};
+/// use hnsw_adapter::{HnswCache, HnswParams, SegmentId};
+///
+/// let governor = MemoryGovernor::new(
+///     GovernorConfig::builder()
+///         .global_ceiling(mib(512))
+///         .engine(EngineId::Vector, EngineBudget::new(mib(64)))
+///         .build()?,
+/// )?;
+/// let cache = HnswCache::builder(governor, "/var/lib/db/vectors")
+///     .params(HnswParams::new(32))
+///     .build()?;
+/// let _watcher = cache.spawn_pressure_watcher()?;
+/// let seg = SegmentId::new("docs", 0)?;
+/// cache.create_segment(&seg)?;
+/// cache.insert(&seg, 7, &[0.5; 32])?;
+/// cache.persist_all()?;
+/// let hits = cache.search_all(&[0.5; 32], 10, 64)?;
+/// assert_eq!(hits[0].id, 7);
+/// # Ok(()) }
+/// ```
+pub struct HnswCache {
+    inner: Arc<Inner>,
+    _reclaimer: ReclaimerHandle,
+    _stats: StatsSourceHandle,
+    watcher: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+impl Drop for HnswCache {
+    fn drop(&mut self) {
+        if let Some(w) = self.watcher.lock().take() {
+            w.abort();
+        }
+    }
+}
+
+impl HnswCache {
+    /// Starts a builder for a cache whose segments live in `dir`.
+    pub fn builder(governor: Arc<MemoryGovernor>, dir: impl AsRef<Path>) -> HnswCacheBuilder {
+        HnswCacheBuilder {
+            governor,
+            dir: dir.as_ref().to_owned(),
+            params: None,
+            policy: PressurePolicy::default(),
+            name: "hnsw-cache".to_owned(),
+        }
+    }
+
+    /// Settings used for new segments.
+    pub fn params(&self) -> &HnswParams {
+        &self.inner.params
+    }
+
+    /// The segments known, in id order.
+    pub fn segments(&self) -> Vec<SegmentId> {
+        self.inner.slots.read().keys().cloned().collect()
+    }
+
+    /// Creates an empty, resident segment (reserving its tables first).
+    pub fn create_segment(&self, id: &SegmentId) -> Result<(), HnswError> {
+        self.inner.create_segment(id)
+    }
+
+    /// Adds a vector to a segment, loading the segment first if it is cold. When the insert
+    /// cannot reserve its bytes, colder segments are evicted and it retries; if that is not
+    /// enough it returns [`HnswError::Backpressure`] having allocated nothing.
+    pub fn insert(
+        &self,
+        id: &SegmentId,
+        vector_id: usize,
+        vector: &[f32],
+    ) -> Result<(), HnswError> {
+        self.inner.insert(id, vector_id, vector)
+    }
+
+    /// The `k` nearest vectors of one segment, loading it if needed.
+    pub fn search(
+        &self,
+        id: &SegmentId,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+    ) -> Result<Vec<SearchHit>, HnswError> {
+        let seg = self.inner.resident(id)?;
+        seg.search(query, k, ef)
+    }
+
+    /// The `k` nearest vectors over all segments (resident ones searched first, then each
+    /// cold one loaded in turn, evicting colder ones as needed).
+    pub fn search_all(
+        &self,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+    ) -> Result<Vec<SearchHit>, HnswError> {
+        let mut out = self.search_all_batch(std::slice::from_ref(&query), k, ef)?;
+        Ok(out.pop().unwrap_or_default())
+    }
+
+    /// [`HnswCache::search_all`] for many queries at once: each cold segment is loaded once
+    /// for the whole batch, which is what a byte-starved cache needs to stay fast.
+    pub fn search_all_batch<Q: AsRef<[f32]>>(
+        &self,
+        queries: &[Q],
+        k: usize,
+        ef: usize,
+    ) -> Result<Vec<Vec<SearchHit>>, HnswError> {
+        self.inner.search_all_batch(queries, k, ef)
+    }
+
+    /// Marks a segment hot and makes it resident: it survives Warning and Critical pressure
+    /// and reclaims, and goes last (after every cold segment) in an Emergency.
+    pub fn pin(&self, id: &SegmentId) -> Result<(), HnswError> {
+        let slot = self.inner.slot(id)?;
+        slot.pinned.store(true, Ordering::Release);
+        self.inner.resident(id).map(drop)
+    }
+
+    /// Makes a hot segment ordinary again (it stays resident until evicted).
+    pub fn unpin(&self, id: &SegmentId) -> Result<(), HnswError> {
+        self.inner.slot(id)?.pinned.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// True when the segment is in memory.
+    pub fn is_resident(&self, id: &SegmentId) -> bool {
+        self.inner
+            .slot(id)
+            .is_ok_and(|s| s.body.lock().resident.is_some())
+    }
+
+    /// True when the segment is marked hot.
+    pub fn is_pinned(&self, id: &SegmentId) -> bool {
+        self.inner
+            .slot(id)
+            .is_ok_and(|s| s.pinned.load(Ordering::Acquire))
+    }
+
+    /// Writes one segment to disk if it changed since its last persist.
+    pub fn persist(&self, id: &SegmentId) -> Result<(), HnswError> {
+        let slot = self.inner.slot(id)?;
+        let mut body = slot.body.lock();
+        self.inner.persist_locked(&slot, &mut body)
+    }
+
+    /// Writes every changed segment to disk.
+    pub fn persist_all(&self) -> Result<(), HnswError> {
+        for id in self.segments() {
+            self.persist(&id)?;
+        }
+        Ok(())
+    }
+
+    /// Evicts one segment now (persisting it first if it changed). Returns the bytes
+    /// released, 0 if it was not resident or is in use.
+    pub fn evict(&self, id: &SegmentId) -> Result<usize, HnswError> {
+        let slot = self.inner.slot(id)?;
+        Ok(self.inner.try_evict(&slot))
+    }
+
+    /// Reacts to a pressure level as the watcher would (see [`PressurePolicy`]); returns
+    /// bytes released. Exposed for callers that poll pressure themselves.
+    pub fn shed_for_pressure(&self, global: PressureLevel, vector: PressureLevel) -> usize {
+        self.inner.shed_for_pressure(global, vector)
+    }
+
+    /// Evicts cold segments (and, in a global Emergency, hot ones last) until `target`
+    /// bytes are released; what the governor's reclaim calls. Returns bytes released.
+    pub fn reclaim(&self, target: usize) -> usize {
+        self.inner.reclaim(target)
+    }
+
+    /// Spawns a task on the current Tokio runtime that follows the global and Vector
+    /// pressure channels and sheds segments per the [`PressurePolicy`]. It stops when the
+    /// cache is dropped.
+    pub fn spawn_pressure_watcher(&self) -> Result<tokio::task::JoinHandle<()>, HnswError> {
+        let handle = tokio::runtime::Handle::try_current().map_err(|_| HnswError::NoRuntime)?;
+        let mut global = self.inner.governor.subscribe_global_pressure();
+        let mut vector = self.inner.governor.subscribe_pressure(EngineId::Vector);
+        let weak = Arc::downgrade(&self.inner);
+        let task = handle.spawn(async move {
+            loop {
+                let g = *global.borrow_and_update();
+                let v = *vector.borrow_and_update();
+                if g > PressureLevel::Normal || v >= PressureLevel::Critical {
+                    let Some(inner) = weak.upgrade() else { break };
+                    // Eviction may dump a changed segment to disk: keep it off the workers.
+                    let shed = tokio::task::spawn_blocking(move || inner.shed_for_pressure(g, v));
+                    if shed.await.is_err() {
+                        break;
+                    }
+                }
+                tokio::select! {
+                    r = global.changed() => if r.is_err() { break },
+                    r = vector.changed() => if r.is_err() { break },
+                }
+            }
+        });
+        if let Some(old) = self.watcher.lock().replace(task.abort_handle()) {
+            old.abort();
+        }
+        Ok(task)
+    }
+
+    /// Current figures.
+    pub fn stats(&self) -> CacheStats {
+        self.inner.stats()
+    }
+
+    /// Bytes held by resident pinned segments.
+    pub fn pinned_bytes(&self) -> usize {
+        self.inner.stats().pinned_bytes
+    }
+}
+
+impl Inner {
+    fn slot(&self, id: &SegmentId) -> Result<Arc<Slot>, HnswError> {
+        self.slots
+            .read()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| HnswError::UnknownSegment(id.clone()))
+    }
+
+    fn touch(&self, slot: &Slot) {
+        slot.last_access.store(
+            self.clock.fetch_add(1, Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+    }
+
+    fn create_segment(&self, id: &SegmentId) -> Result<(), HnswError> {
+        if self.slots.read().contains_key(id) {
+            return Err(HnswError::SegmentExists(id.clone()));
+        }
+        let mut attempt = 0;
+        let seg = loop {
+            match GovernedHnsw::create(&self.governor, id.clone(), self.params) {
+                Ok(seg) => break seg,
+                Err(HnswError::Backpressure { needed, source, .. }) => {
+                    attempt += 1;
+                    if attempt >= MAX_ATTEMPTS || self.make_room(needed, Some(id)) == 0 {
+                        return Err(self.no_room(id, needed, source));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let slot = Arc::new(Slot {
+            id: id.clone(),
+            body: Mutex::new(SlotBody {
+                resident: Some(Arc::new(seg)),
+                manifest: None,
+            }),
+            pinned: AtomicBool::new(false),
+            last_access: AtomicU64::new(0),
+        });
+        self.touch(&slot);
+        let mut slots = self.slots.write();
+        if slots.contains_key(id) {
+            // Lost a race with another create: our segment (and its token) is dropped.
+            return Err(HnswError::SegmentExists(id.clone()));
+        }
+        slots.insert(id.clone(), slot);
+        drop(slots);
+        self.note_peak();
+        Ok(())
+    }
+
+    fn no_room(&self, id: &SegmentId, needed: usize, source: MemError) -> HnswError {
+        self.counters.denials.fetch_add(1, Ordering::Relaxed);
+        HnswError::NoRoom {
+            segment: id.clone(),
+            needed,
+            available: self.governor.available(EngineId::Vector),
+            pinned: self.pinned_bytes(),
+            source,
+        }
+    }
+
+    fn insert(&self, id: &SegmentId, vector_id: usize, vector: &[f32]) -> Result<(), HnswError> {
+        let seg = self.resident(id)?;
+        let mut attempt = 0;
+        loop {
+            match seg.insert(vector_id, vector) {
+                Err(HnswError::Backpressure {
+                    segment,
+                    needed,
+                    source,
+                }) => {
+                    attempt += 1;
+                    if attempt >= MAX_ATTEMPTS || self.make_room(needed, Some(id)) == 0 {
+                        self.counters.denials.fetch_add(1, Ordering::Relaxed);
+                        return Err(HnswError::Backpressure {
+                            segment,
+                            needed,
+                            source,
+                        });
+                    }
+                }
+                other => {
+                    self.note_peak();
+                    return other;
+                }
+            }
+        }
+    }
+
+    /// The segment, loading it if it is cold. The load reserves its peak first and evicts
+    /// colder segments for it; it never loads over budget.
+    fn resident(&self, id: &SegmentId) -> Result<Arc<GovernedHnsw>, HnswError> {
+        let slot = self.slot(id)?;
+        self.touch(&slot);
+        let mut body = slot.body.lock();
+        if let Some(seg) = &body.resident {
+            self.counters.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(Arc::clone(seg));
+        }
+        let Some(manifest) = body.manifest.clone() else {
+            // A never-persisted segment is resident until persisted; reaching here would
+            // mean it was dropped unpersisted, which eviction never does.
+            return Err(HnswError::UnknownSegment(id.clone()));
+        };
+        let needed = manifest.load_bytes();
+        let mut token = self.reserve_evicting(id, needed)?;
+        let (graph, model) = store::load_graph(&self.dir, &manifest)?;
+        // The loader's temporary map is gone now; keep what the graph holds.
+        let transient = needed - manifest.resident_bytes();
+        token.shrink(transient)?;
+        let seg = Arc::new(GovernedHnsw::assemble(
+            graph,
+            model,
+            token,
+            id.clone(),
+            manifest.params(),
+            false,
+        ));
+        body.resident = Some(Arc::clone(&seg));
+        drop(body);
+        self.counters.loads.fetch_add(1, Ordering::Relaxed);
+        self.note_peak();
+        tracing::debug!(segment = %id, bytes = manifest.resident_bytes(), "vector segment loaded");
+        Ok(seg)
+    }
+
+    /// A reservation of `needed` Vector bytes, evicting colder segments (never `id`, never
+    /// pinned ones) until the governor grants it.
+    fn reserve_evicting(
+        &self,
+        id: &SegmentId,
+        needed: usize,
+    ) -> Result<ReservationToken, HnswError> {
+        let mut last = None;
+        // Pinned bytes are never evicted for a load: if the rest of the limit is too small,
+        // say so at once instead of emptying the cache for nothing.
+        let limit = self.governor.limit(EngineId::Vector);
+        if needed > limit.saturating_sub(self.pinned_bytes()) {
+            let source = match self.governor.try_reserve(EngineId::Vector, needed) {
+                Ok(t) => return Ok(t),
+                Err(e) => e,
+            };
+            return Err(self.no_room(id, needed, source));
+        }
+        for _ in 0..MAX_ATTEMPTS {
+            match self.governor.try_reserve(EngineId::Vector, needed) {
+                Ok(t) => return Ok(t),
+                Err(e) => last = Some(e),
+            }
+            if self.make_room(needed, Some(id)) == 0 {
+                break;
+            }
+        }
+        let source = match last {
+            Some(e) => e,
+            None => match self.governor.try_reserve(EngineId::Vector, needed) {
+                Ok(t) => return Ok(t),
+                Err(e) => e,
+            },
+        };
+        Err(self.no_room(id, needed, source))
+    }
+
+    /// Evicts cold segments until `needed` more bytes could be granted; returns bytes freed.
+    fn make_room(&self, needed: usize, except: Option<&SegmentId>) -> usize {
+        let shortfall = needed
+            .saturating_sub(self.governor.available(EngineId::Vector))
+            .max(1);
+        self.evict_coldest(shortfall, except, false)
+    }
+
+    /// Evicts least-recently-used segments until `target` bytes are released: unpinned ones
+    /// first, pinned ones only when `include_pinned`. Busy segments are skipped.
+    fn evict_coldest(
+        &self,
+        target: usize,
+        except: Option<&SegmentId>,
+        include_pinned: bool,
+    ) -> usize {
+        let mut candidates: Vec<(bool, u64, Arc<Slot>)> = self
+            .slots
+            .read()
+            .values()
+            .filter(|s| Some(&s.id) != except)
+            .map(|s| {
+                (
+                    s.pinned.load(Ordering::Acquire),
+                    s.last_access.load(Ordering::Relaxed),
+                    Arc::clone(s),
+                )
+            })
+            .filter(|(pinned, _, _)| include_pinned || !pinned)
+            .collect();
+        candidates.sort_by_key(|(pinned, last, _)| (*pinned, *last));
+        let mut freed = 0;
+        for (_, _, slot) in candidates {
+            if freed >= target {
+                break;
+            }
+            freed += self.try_evict(&slot);
+        }
+        freed
+    }
+
+    /// Drops a slot's resident graph if nobody uses it, persisting it first if it changed.
+    fn try_evict(&self, slot: &Slot) -> usize {
+        // A slot being loaded holds its lock for long; skip it rather than wait.
+        let Some(mut body) = slot.body.try_lock() else {
+            return 0;
+        };
+        let Some(seg) = body.resident.as_ref() else {
+            return 0;
+        };
+        if Arc::strong_count(seg) > 1 {
+            return 0;
+        }
+        if (seg.is_dirty() || body.manifest.is_none())
+            && let Err(e) = self.persist_locked(slot, &mut body)
+        {
+            tracing::warn!(segment = %slot.id, error = %e, "not evicting a segment that failed to persist");
+            return 0;
+        }
+        let Some(seg) = body.resident.take() else {
+            return 0;
+        };
+        let bytes = seg.charged_bytes();
+        drop(seg);
+        self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .evicted_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+        tracing::debug!(segment = %slot.id, bytes, "vector segment evicted");
+        bytes
+    }
+
+    fn persist_locked(&self, slot: &Slot, body: &mut SlotBody) -> Result<(), HnswError> {
+        let Some(seg) = body.resident.as_ref() else {
+            return Ok(()); // cold: its dump is current
+        };
+        if !seg.is_dirty() && body.manifest.is_some() {
+            return Ok(());
+        }
+        let generation = body.manifest.as_ref().map_or(1, |m| m.generation() + 1);
+        let manifest = seg.persist(&self.dir, generation, body.manifest.as_ref())?;
+        tracing::debug!(segment = %slot.id, generation, "vector segment persisted");
+        body.manifest = Some(manifest);
+        Ok(())
+    }
+
+    fn search_all_batch<Q: AsRef<[f32]>>(
+        &self,
+        queries: &[Q],
+        k: usize,
+        ef: usize,
+    ) -> Result<Vec<Vec<SearchHit>>, HnswError> {
+        let slots: Vec<Arc<Slot>> = self.slots.read().values().cloned().collect();
+        let mut results = vec![Vec::new(); queries.len()];
+        // Resident segments first: a later load may evict them.
+        let mut order: Vec<(bool, Arc<Slot>)> = slots
+            .into_iter()
+            .map(|s| {
+                let cold = s.body.lock().resident.is_none();
+                (cold, s)
+            })
+            .collect();
+        order.sort_by_key(|(cold, s)| (*cold, s.id.clone()));
+        for (_, slot) in order {
+            let seg = self.resident(&slot.id)?;
+            for (q, out) in queries.iter().zip(results.iter_mut()) {
+                check_vector(&slot.id, seg.params().dim(), q.as_ref())?;
+                out.extend(seg.search(q.as_ref(), k, ef)?);
+            }
+        }
+        for out in &mut results {
+            out.sort_by(|a, b| a.distance.total_cmp(&b.distance).then(a.id.cmp(&b.id)));
+            out.truncate(k);
+        }
+        Ok(results)
+    }
+
+    fn pressure(&self) -> PressureLevel {
+        self.governor.global_pressure()
+    }
+
+    fn shed_for_pressure(&self, global: PressureLevel, vector: PressureLevel) -> usize {
+        let start = Instant::now();
+        let unpinned = self.stats().resident_bytes - self.pinned_bytes();
+        let share = |pct: u8| unpinned / 100 * usize::from(pct);
+        let mut freed = match global {
+            PressureLevel::Normal => 0,
+            PressureLevel::Warning => {
+                self.evict_coldest(share(self.policy.warning_shed_pct), None, false)
+            }
+            PressureLevel::Critical => {
+                self.evict_coldest(share(self.policy.critical_shed_pct), None, false)
+            }
+            PressureLevel::Emergency => self.emergency_shed(usize::MAX),
+        };
+        if vector >= PressureLevel::Critical {
+            let limit = self.governor.limit(EngineId::Vector);
+            let keep_free = limit / 100 * usize::from(self.policy.engine_headroom_pct);
+            let used = self.governor.reserved(EngineId::Vector);
+            let target = (used + keep_free).saturating_sub(limit);
+            if target > 0 {
+                freed += self.evict_coldest(target, None, false);
+            }
+        }
+        if freed > 0 {
+            tracing::info!(
+                cache = %self.name, ?global, ?vector, freed,
+                elapsed_us = start.elapsed().as_micros() as u64,
+                "vector cache shed segments under pressure"
+            );
+        }
+        freed
+    }
+
+    /// Emergency: every unpinned segment, then pinned ones coldest first while the global
+    /// Emergency lasts (each eviction may end it).
+    fn emergency_shed(&self, target: usize) -> usize {
+        let mut freed = self.evict_coldest(target, None, false);
+        while freed < target && self.pressure() == PressureLevel::Emergency {
+            let one = self.evict_coldest(1, None, true);
+            if one == 0 {
+                break;
+            }
+            freed += one;
+        }
+        freed
+    }
+
+    fn reclaim(&self, target: usize) -> usize {
+        let start = Instant::now();
+        let freed = if self.pressure() == PressureLevel::Emergency {
+            self.emergency_shed(target)
+        } else {
+            self.evict_coldest(target, None, false)
+        };
+        let ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.counters.reclaims.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .reclaim_total_ns
+            .fetch_add(ns, Ordering::Relaxed);
+        self.counters
+            .reclaim_max_ns
+            .fetch_max(ns, Ordering::Relaxed);
+        tracing::info!(cache = %self.name, target, freed, elapsed_us = ns / 1000, "vector cache reclaimed");
+        freed
+    }
+
+    /// What a reclaim could release now without touching hot segments (unless Emergency).
+    fn reclaimable(&self) -> usize {
+        let emergency = self.pressure() == PressureLevel::Emergency;
+        self.slots
+            .read()
+            .values()
+            .filter(|s| emergency || !s.pinned.load(Ordering::Acquire))
+            .filter_map(|s| {
+                let body = s.body.try_lock()?;
+                let seg = body.resident.as_ref()?;
+                (Arc::strong_count(seg) == 1).then(|| seg.charged_bytes())
+            })
+            .sum()
+    }
+
+    fn pinned_bytes(&self) -> usize {
+        self.resident_bytes_where(true)
+    }
+
+    fn resident_bytes_where(&self, pinned_only: bool) -> usize {
+        self.slots
+            .read()
+            .values()
+            .filter(|s| !pinned_only || s.pinned.load(Ordering::Acquire))
+            .filter_map(|s| {
+                // A slot locked for a load has no segment yet; its token is counted once
+                // the load completes.
+                let body = s.body.try_lock()?;
+                body.resident.as_ref().map(|seg| seg.charged_bytes())
+            })
+            .sum()
+    }
+
+    fn note_peak(&self) {
+        let now = self.resident_bytes_where(false);
+        self.counters.peak.fetch_max(now, Ordering::Relaxed);
+    }
+
+    fn stats(&self) -> CacheStats {
+        let slots = self.slots.read();
+        let mut s = CacheStats {
+            segments: slots.len(),
+            ..CacheStats::default()
+        };
+        for slot in slots.values() {
+            let pinned = slot.pinned.load(Ordering::Acquire);
+            s.pinned_segments += usize::from(pinned);
+            let Some(body) = slot.body.try_lock() else {
+                continue;
+            };
+            if let Some(seg) = &body.resident {
+                s.resident_segments += 1;
+                s.resident_bytes += seg.charged_bytes();
+                if pinned {
+                    s.pinned_bytes += seg.charged_bytes();
+                }
+            }
+        }
+        drop(slots);
+        let c = &self.counters;
+        s.peak_resident_bytes = c
+            .peak
+            .fetch_max(s.resident_bytes, Ordering::Relaxed)
+            .max(s.resident_bytes);
+        s.hits = c.hits.load(Ordering::Relaxed);
+        s.loads = c.loads.load(Ordering::Relaxed);
+        s.evictions = c.evictions.load(Ordering::Relaxed);
+        s.evicted_bytes = c.evicted_bytes.load(Ordering::Relaxed);
+        s.denials = c.denials.load(Ordering::Relaxed);
+        s.reclaims = c.reclaims.load(Ordering::Relaxed);
+        s.reclaim_max_latency = Duration::from_nanos(c.reclaim_max_ns.load(Ordering::Relaxed));
+        s.reclaim_total_latency = Duration::from_nanos(c.reclaim_total_ns.load(Ordering::Relaxed));
+        s
+    }
+}
+
+/// The cache as the Vector engine's reclaimer. Holds a `Weak` so the governor's registry
+/// does not keep a dropped cache alive.
+struct CacheReclaimer(Weak<Inner>);
+
+#[async_trait::async_trait]
+impl Reclaimer for CacheReclaimer {
+    fn reclaimable(&self) -> usize {
+        self.0.upgrade().map_or(0, |i| i.reclaimable())
+    }
+
+    async fn reclaim(&self, target: usize) -> Result<usize, ReclaimError> {
+        let inner = self
+            .0
+            .upgrade()
+            .ok_or_else(|| ReclaimError::new("HNSW cache already dropped"))?;
+        // Eviction is synchronous (it may persist a changed segment); it runs on the
+        // governor's reclaim runtime, which bounds it with its reclaim timeout.
+        Ok(inner.reclaim(target))
+    }
+}
+
+/// Publishes the cache's reserved and pinned bytes in governor snapshots.
+struct CacheStatsSource(Weak<Inner>);
+
+impl ConsumerStatsSource for CacheStatsSource {
+    fn consumers(&self) -> Vec<ConsumerSnapshot> {
+        let Some(inner) = self.0.upgrade() else {
+            return Vec::new();
+        };
+        let s = inner.stats();
+        vec![ConsumerSnapshot {
+            engine: EngineId::Vector,
+            name: inner.name.clone(),
+            reserved: s.resident_bytes,
+            peak: s.peak_resident_bytes,
+            denials: s.denials,
+            pinned: s.pinned_bytes,
+        }]
+    }
+}
