@@ -111,7 +111,7 @@ pub use adapter::{RecoveryReport, TimeseriesAdapter, TimeseriesAdapterBuilder, T
 pub use error::{FlushError, IngestError, OpenError, QueryError, SegmentError};
 pub use flusher::{FileSegmentFlusher, Recovery, SegmentBatch, SegmentFlusher};
 pub use gorilla::Point;
-pub use memtable::{MemtableMemory, SERIES_SLOT_BYTES};
+pub use memtable::{FIXED_OVERHEAD_BYTES, MemtableMemory, SERIES_SLOT_BYTES};
 pub use segment::SegmentMeta;
 
 /// Identifies a series (e.g. a hash of its metric name and tags).

@@ -10,6 +10,7 @@
 //! used = series index allocation   (hashbrown's allocation_size(), exact)
 //!      + Σ active block capacity    (Vec<u64> capacity × 8, exact)
 //!      + active series × SLOT       (room each series pre-pays for its frozen-batch entry)
+//!      + a fixed 256 B              (the pending batch's Arc and list slot)
 //!      + Σ frozen batch bytes       (block capacities + their pre-paid slots)
 //!      + Σ flushed segment metadata (path + struct, kept for queries)
 //! ```
@@ -33,9 +34,13 @@ use crate::gorilla::{Block, Encoder, MAX_BITS_PER_POINT, Point};
 use crate::segment::SegmentMeta;
 
 /// Bytes each active series pre-pays so that freezing it never needs new memory: its entry in
-/// the frozen batch's vector, plus a share for the batch's own `Arc` and list slot and for the
-/// `SegmentMeta` kept after the flush (every batch holds at least one series).
-pub const SERIES_SLOT_BYTES: usize = std::mem::size_of::<(SeriesId, Block)>() + 256;
+/// the frozen batch's vector (allocated with exact capacity).
+pub const SERIES_SLOT_BYTES: usize = std::mem::size_of::<(SeriesId, Block)>();
+
+/// Fixed bookkeeping the memtable holds from the start: the one frozen batch's `Arc` and its
+/// slot in the frozen list (the flush path freezes a new batch only when none is pending, so
+/// there is at most one). Charged at start-up so freezing never allocates unreserved memory.
+pub const FIXED_OVERHEAD_BYTES: usize = 256;
 
 /// Smallest and largest growth step of a block, in words. Growing by half the current size
 /// keeps reallocations logarithmic; the cap keeps the unused tail of a large block (reserved
@@ -143,7 +148,8 @@ pub struct MemtableMemory {
     pub active_block_bytes: usize,
     /// Bits actually written in active blocks, in bytes (≤ `active_block_bytes`).
     pub active_encoded_bytes: usize,
-    /// Series index: the hash map's allocation plus each active series' pre-paid slot.
+    /// Series index: the hash map's allocation, each active series' pre-paid slot, and the
+    /// fixed bookkeeping.
     pub index_bytes: usize,
     /// Frozen blocks awaiting a durable flush (with their slots).
     pub frozen_bytes: usize,
@@ -187,12 +193,14 @@ fn meta_bytes(meta: &SegmentMeta) -> usize {
 
 impl Memtable {
     pub(crate) fn new(governor: Arc<MemoryGovernor>, chunk: usize) -> Self {
+        let mut budget = Budget::default();
+        budget.absorb(governor.charge(EngineId::Timeseries, FIXED_OVERHEAD_BYTES));
         Self {
             governor,
             series: hashbrown::HashMap::new(),
-            frozen: Vec::new(),
+            frozen: Vec::with_capacity(1),
             segments: Vec::new(),
-            budget: Budget::default(),
+            budget,
             chunk,
             active_bytes: 0,
             frozen_bytes: 0,
@@ -215,7 +223,8 @@ impl Memtable {
     }
 
     pub(crate) fn used(&self) -> usize {
-        self.index_alloc
+        FIXED_OVERHEAD_BYTES
+            + self.index_alloc
             + self.series.len() * SERIES_SLOT_BYTES
             + self.active_bytes
             + self.frozen_bytes
@@ -501,7 +510,9 @@ impl Memtable {
         MemtableMemory {
             active_block_bytes: self.active_bytes,
             active_encoded_bytes,
-            index_bytes: self.index_alloc + self.series.len() * SERIES_SLOT_BYTES,
+            index_bytes: FIXED_OVERHEAD_BYTES
+                + self.index_alloc
+                + self.series.len() * SERIES_SLOT_BYTES,
             frozen_bytes: self.frozen_bytes,
             segment_meta_bytes: self.segment_meta_bytes,
             used: self.used(),
