@@ -242,27 +242,32 @@ impl HnswCacheBuilder {
 /// marked hot ([`HnswCache::pin`]) hold the routing data a workload needs every time and
 /// stay resident through Warning and Critical pressure.
 ///
-/// ```no_run
-/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// ```
 /// use governor_core::{EngineBudget, EngineId, GovernorConfig, MemoryGovernor, mib};
 /// use hnsw_adapter::{HnswCache, HnswParams, SegmentId};
 ///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let governor = MemoryGovernor::new(
 ///     GovernorConfig::builder()
 ///         .global_ceiling(mib(512))
 ///         .engine(EngineId::Vector, EngineBudget::new(mib(64)))
 ///         .build()?,
 /// )?;
-/// let cache = HnswCache::builder(governor, "/var/lib/db/vectors")
-///     .params(HnswParams::new(32))
+/// let dir = tempfile::tempdir()?;
+/// let cache = HnswCache::builder(governor.clone(), dir.path())
+///     .params(HnswParams::new(4).expected_points(100))
 ///     .build()?;
-/// let _watcher = cache.spawn_pressure_watcher()?;
+/// // Inside a Tokio runtime, also: let _watcher = cache.spawn_pressure_watcher()?;
 /// let seg = SegmentId::new("docs", 0)?;
 /// cache.create_segment(&seg)?;
-/// cache.insert(&seg, 7, &[0.5; 32])?;
+/// cache.insert(&seg, 7, &[0.5, 0.1, 0.0, 1.0])?;
+/// cache.insert(&seg, 8, &[9.0, 9.0, 9.0, 9.0])?;
 /// cache.persist_all()?;
-/// let hits = cache.search_all(&[0.5; 32], 10, 64)?;
+/// cache.evict(&seg)?; // back on disk only
+/// assert_eq!(governor.reserved(EngineId::Vector), 0);
+/// let hits = cache.search_all(&[0.5, 0.1, 0.0, 0.9], 1, 16)?; // loads it again
 /// assert_eq!(hits[0].id, 7);
+/// assert_eq!(governor.reserved(EngineId::Vector), cache.stats().resident_bytes);
 /// # Ok(()) }
 /// ```
 pub struct HnswCache {

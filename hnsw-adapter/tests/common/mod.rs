@@ -23,6 +23,9 @@ pub fn governor(vector_limit: usize, ceiling: usize) -> Arc<MemoryGovernor> {
             EngineBudget::new(ceiling).with_floor(mib(1)),
         )
         .reclaim_timeout(Duration::from_secs(10))
+        // Many shards keep the per-thread credit quantum (idle slack counted in the
+        // global figure) small next to the byte margins the pressure tests set up.
+        .reservation_shards(16)
         .build()
         .expect("valid test config");
     MemoryGovernor::new(config).expect("governor")

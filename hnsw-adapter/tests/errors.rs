@@ -1,0 +1,229 @@
+//! Refusals: backpressure instead of unaccounted inserts, NoRoom instead of over-budget
+//! loads, Corrupt instead of a panic on damaged dumps, typed errors on bad input.
+
+mod common;
+
+use common::{DIM, governor, params, populate, seg, vectors};
+use governor_core::{EngineId, mib};
+use hnsw_adapter::{GovernedHnsw, HnswCache, HnswError, HnswParams, SegmentId};
+
+#[test]
+fn insert_without_room_is_backpressure_and_allocates_nothing() {
+    let limit = mib(1);
+    let gov = governor(limit, mib(64));
+    let index = GovernedHnsw::create(&gov, seg(0), params(100)).unwrap();
+    let data = vectors(2_000, 1);
+    let mut refused = None;
+    for (i, v) in data.iter().enumerate() {
+        match index.insert(i, v) {
+            Ok(()) => assert!(gov.reserved(EngineId::Vector) <= limit),
+            Err(e) => {
+                refused = Some((i, e));
+                break;
+            }
+        }
+    }
+    let (at, err) = refused.expect("a 1 MiB budget cannot hold 2000 points");
+    assert!(matches!(err, HnswError::Backpressure { .. }), "{err}");
+    assert!(err.is_backpressure());
+    assert_eq!(index.len(), at, "the refused point was not inserted");
+    assert_eq!(gov.reserved(EngineId::Vector), index.charged_bytes());
+    // Searching what is there still works.
+    assert_eq!(index.search(&data[0], 1, 16).unwrap()[0].id, 0);
+    drop(index);
+    assert_eq!(gov.reserved(EngineId::Vector), 0);
+}
+
+#[test]
+fn cache_insert_evicts_cold_segments_before_refusing() {
+    let dir = tempfile::tempdir().unwrap();
+    let gov = governor(mib(8), mib(64));
+    let cache = HnswCache::builder(gov.clone(), dir.path())
+        .params(params(500))
+        .build()
+        .unwrap();
+    populate(&cache, 3, 500);
+    let resident_before = cache.stats().resident_segments;
+    assert_eq!(resident_before, 3);
+    let hot = SegmentId::new("hot", 0).unwrap();
+    cache.create_segment(&hot).unwrap();
+    let mut inserted = 0;
+    let err = loop {
+        let v = &vectors(1, 10_000 + inserted as u64)[0];
+        match cache.insert(&hot, inserted, v) {
+            Ok(()) => inserted += 1,
+            Err(e) => break e,
+        }
+        assert!(gov.reserved(EngineId::Vector) <= mib(8));
+    };
+    assert!(matches!(err, HnswError::Backpressure { .. }), "{err}");
+    let stats = cache.stats();
+    assert!(
+        stats.evictions >= 3,
+        "cold segments were evicted first: {stats:?}"
+    );
+    assert_eq!(stats.resident_segments, 1);
+    assert!(stats.denials >= 1);
+    // The evicted segments were persisted and still answer.
+    let q = &vectors(1, 1000)[0];
+    assert!(
+        !cache
+            .search(&seg(0), q, 3, 16)
+            .is_err_and(|e| !e.is_backpressure())
+    );
+}
+
+#[test]
+fn load_that_cannot_fit_is_no_room_and_pinned_are_not_evicted_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let gov = governor(mib(64), mib(128));
+        let cache = HnswCache::builder(gov, dir.path())
+            .params(params(800))
+            .build()
+            .unwrap();
+        populate(&cache, 3, 800);
+    }
+    // Room for about one and a half loaded segments.
+    let one = {
+        let gov = governor(mib(64), mib(128));
+        let cache = HnswCache::builder(gov, dir.path()).build().unwrap();
+        cache.search(&seg(0), &vectors(1, 2)[0], 1, 8).unwrap();
+        cache.stats().resident_bytes
+    };
+    let limit = one * 3 / 2 + one / 2;
+    let gov = governor(limit, mib(128));
+    let cache = HnswCache::builder(gov.clone(), dir.path()).build().unwrap();
+    cache.pin(&seg(0)).unwrap();
+    let q = &vectors(1, 3)[0];
+    let err = cache.search(&seg(1), q, 5, 16).unwrap_err();
+    match &err {
+        HnswError::NoRoom { needed, pinned, .. } => {
+            assert!(*needed > limit - pinned);
+            assert_eq!(*pinned, one);
+        }
+        other => panic!("expected NoRoom, got {other}"),
+    }
+    assert!(
+        cache.is_resident(&seg(0)),
+        "the pinned segment was not sacrificed"
+    );
+    assert_eq!(gov.reserved(EngineId::Vector), one);
+    // Unpinning makes room: the load evicts it and succeeds.
+    cache.unpin(&seg(0)).unwrap();
+    assert!(!cache.search(&seg(1), q, 5, 16).unwrap().is_empty());
+    assert!(!cache.is_resident(&seg(0)));
+    assert!(gov.reserved(EngineId::Vector) <= limit);
+}
+
+#[test]
+fn damaged_dump_is_corrupt_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let gov = governor(mib(64), mib(128));
+        let cache = HnswCache::builder(gov, dir.path())
+            .params(params(300))
+            .build()
+            .unwrap();
+        populate(&cache, 1, 300);
+    }
+    let graph = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(".hnsw.graph"))
+        .unwrap();
+    let mut bytes = std::fs::read(&graph).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&graph, bytes).unwrap();
+    let gov = governor(mib(64), mib(128));
+    let cache = HnswCache::builder(gov.clone(), dir.path()).build().unwrap();
+    let err = cache.search(&seg(0), &vectors(1, 1)[0], 3, 16).unwrap_err();
+    assert!(matches!(err, HnswError::Corrupt { .. }), "{err}");
+    assert_eq!(
+        gov.reserved(EngineId::Vector),
+        0,
+        "the load's reservation was returned"
+    );
+
+    std::fs::write(dir.path().join("docs.0.manifest.json"), b"{ not json").unwrap();
+    let err = HnswCache::builder(gov, dir.path()).build().err().unwrap();
+    assert!(matches!(err, HnswError::Corrupt { .. }), "{err}");
+}
+
+#[test]
+fn bad_input_gets_typed_errors() {
+    let gov = governor(mib(16), mib(64));
+    assert!(matches!(
+        SegmentId::new("../etc", 0),
+        Err(HnswError::InvalidConfig { .. })
+    ));
+    assert!(matches!(
+        SegmentId::new("", 0),
+        Err(HnswError::InvalidConfig { .. })
+    ));
+    for bad in [
+        HnswParams::new(0),
+        HnswParams::new(8).max_connections(1),
+        HnswParams::new(8).max_connections(300),
+        HnswParams::new(8).ef_construction(0),
+        HnswParams::new(8).max_layer(17),
+    ] {
+        assert!(matches!(
+            GovernedHnsw::create(&gov, seg(0), bad),
+            Err(HnswError::InvalidConfig { .. })
+        ));
+    }
+    let index = GovernedHnsw::create(&gov, seg(0), params(10)).unwrap();
+    assert!(matches!(
+        index.insert(1, &[0.0; 3]),
+        Err(HnswError::DimensionMismatch {
+            expected: DIM,
+            got: 3,
+            ..
+        })
+    ));
+    let mut nan = vec![0.0; DIM];
+    nan[5] = f32::NAN;
+    assert!(matches!(
+        index.insert(1, &nan),
+        Err(HnswError::NonFinite { position: 5, .. })
+    ));
+    assert!(matches!(
+        index.search(&nan, 3, 8),
+        Err(HnswError::NonFinite { .. })
+    ));
+    assert!(
+        index.search(&[0.0; DIM], 3, 8).unwrap().is_empty(),
+        "empty index, no hits"
+    );
+    assert!(index.search(&[0.0; DIM], 0, 8).unwrap().is_empty());
+
+    let dir = tempfile::tempdir().unwrap();
+    assert!(matches!(
+        HnswCache::builder(gov.clone(), dir.path()).build(),
+        Err(HnswError::InvalidConfig {
+            field: "params",
+            ..
+        })
+    ));
+    let cache = HnswCache::builder(gov, dir.path())
+        .params(params(10))
+        .build()
+        .unwrap();
+    assert!(matches!(
+        cache.search(&seg(7), &[0.0; DIM], 1, 8),
+        Err(HnswError::UnknownSegment(_))
+    ));
+    cache.create_segment(&seg(7)).unwrap();
+    assert!(matches!(
+        cache.create_segment(&seg(7)),
+        Err(HnswError::SegmentExists(_))
+    ));
+    // An empty segment persists and comes back empty.
+    cache.persist(&seg(7)).unwrap();
+    assert!(cache.evict(&seg(7)).unwrap() > 0);
+    assert!(cache.search(&seg(7), &[0.0; DIM], 1, 8).unwrap().is_empty());
+    cache.insert(&seg(7), 42, &[0.5; DIM]).unwrap();
+    assert_eq!(cache.search(&seg(7), &[0.5; DIM], 1, 8).unwrap()[0].id, 42);
+}
