@@ -248,6 +248,10 @@ impl Ledger {
         {
             return Ok(false);
         }
+        // Slow path. Hand back the shard's too-small credit first, so a shard never sits on
+        // more than its two quanta of slack.
+        let leftover = credit.swap(0, Ordering::AcqRel);
+        self.ungrant(e, leftover);
         if e.quantum > 0
             && self.waiters.load(Ordering::Acquire) == 0
             && let Some(with_refill) = bytes.checked_add(e.quantum)
@@ -288,6 +292,10 @@ impl Ledger {
         e.peak.fetch_max(granted_after, Ordering::AcqRel);
         self.global_peak
             .fetch_max(global_before + bytes, Ordering::AcqRel);
+        if granted_after > e.limit() || global_before + bytes > self.ceiling {
+            // Overcommitted: idle credit must not admit anything more until it is paid back.
+            self.drain_all();
+        }
     }
 
     /// Gives `bytes` of a token back through `shard`, keeping a little credit for the next call
@@ -299,11 +307,12 @@ impl Ledger {
         }
         let credit = e.shard(shard);
         let now = credit.fetch_add(bytes, Ordering::AcqRel) + bytes;
-        let keep = if self.waiters.load(Ordering::Acquire) > 0 {
-            0
-        } else {
-            e.quantum
-        };
+        // Keep no credit while someone waits or while the books are overcommitted (a charge or
+        // untracked memory pushed them past a bound): idle credit would admit past the bound.
+        let strict = self.waiters.load(Ordering::Acquire) > 0
+            || e.room.load(Ordering::Acquire) < 0
+            || self.global.load(Ordering::Acquire) > self.ceiling;
+        let keep = if strict { 0 } else { e.quantum };
         if (now > 2 * e.quantum || keep == 0)
             && let Ok(before) = credit.fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
                 (c > keep).then_some(keep)
@@ -324,6 +333,8 @@ impl Ledger {
     /// Like `charge`, this is a fact and is not bounded by the ceiling.
     pub(crate) fn set_untracked(&self, bytes: usize) {
         let before = self.untracked.swap(bytes, Ordering::AcqRel);
+        // Credit granted before the room shrank must not admit past the new room.
+        self.drain_all();
         if bytes >= before {
             let global_before = self.global.fetch_add(bytes - before, Ordering::AcqRel);
             self.global_peak

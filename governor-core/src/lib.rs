@@ -83,6 +83,7 @@
 //! # Ok::<(), MemError>(())
 //! ```
 
+pub mod alloc;
 mod config;
 mod engine;
 mod error;
@@ -90,10 +91,13 @@ mod governor;
 mod ledger;
 mod loom;
 pub mod metrics;
+#[cfg(feature = "numa")]
+pub mod numa;
 pub mod pressure;
 pub mod rebalance;
 pub mod reclaim;
 mod reservation;
+pub mod rss_monitor;
 pub mod spill;
 
 pub use config::{

@@ -39,9 +39,10 @@ struct Model {
 }
 
 impl Model {
+    /// Zero bytes always fit (nothing is taken), even when a charge overcommitted the books.
     fn fits(&self, e: usize, bytes: usize) -> bool {
         let total: usize = self.reserved.iter().sum();
-        self.reserved[e] + bytes <= LIMITS[e] && total + self.untracked + bytes <= CEILING
+        bytes == 0 || (self.reserved[e] + bytes <= LIMITS[e] && total + self.untracked + bytes <= CEILING)
     }
 }
 
