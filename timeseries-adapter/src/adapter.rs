@@ -433,7 +433,7 @@ impl TimeseriesAdapter {
         let mut out = snap.points;
         for batch in &snap.frozen {
             if let Some(block) = batch.block(series) {
-                for p in block.iter() {
+                for p in block {
                     let p = p.map_err(|source| QueryError::Memtable { series, source })?;
                     if range.contains(&p.ts) {
                         out.push(p);

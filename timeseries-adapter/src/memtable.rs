@@ -461,7 +461,7 @@ impl Memtable {
     ) -> Result<Snapshot, crate::gorilla::DecodeError> {
         let mut points = Vec::new();
         if let Some(state) = self.series.get(&series) {
-            for p in state.enc.iter() {
+            for p in &state.enc {
                 let p = p?;
                 if range.contains(&p.ts) {
                     points.push(p);

@@ -232,9 +232,8 @@ impl<'a> ChunkWriter<'a> {
     }
 
     /// Writes bytes that are not part of the checksum (the footer).
-    fn put_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+    fn put_raw(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
-        Ok(())
     }
 
     fn emit(&mut self) -> io::Result<()> {
@@ -337,7 +336,7 @@ pub fn write_segment(
         put_u32(&mut footer, fcrc);
         put_u32(&mut footer, 0);
         footer.extend_from_slice(FOOTER_MAGIC);
-        w.put_raw(&footer)?;
+        w.put_raw(&footer);
         w.emit()?;
         file.sync_all()?;
         fs::rename(&tmp_path, &final_path)?;
@@ -549,7 +548,7 @@ pub fn decode_block_into(
     range: &std::ops::RangeInclusive<i64>,
     out: &mut Vec<Point>,
 ) -> Result<(), SegmentError> {
-    for p in block.iter() {
+    for p in block {
         let p = p.map_err(|source| SegmentError::Decode {
             path: meta.path.clone(),
             series,

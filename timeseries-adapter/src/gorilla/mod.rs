@@ -308,6 +308,15 @@ impl Encoder {
     }
 }
 
+impl<'a> IntoIterator for &'a Encoder {
+    type Item = Result<Point, DecodeError>;
+    type IntoIter = Decoder<'a>;
+
+    fn into_iter(self) -> Decoder<'a> {
+        self.iter()
+    }
+}
+
 /// An immutable encoded block: what the memtable freezes and a segment stores.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Block {
@@ -337,6 +346,15 @@ impl Block {
     /// Words that carry data (`ceil(bit_len / 64)`), the part a segment stores.
     pub fn used_words(&self) -> usize {
         self.bit_len.div_ceil(64) as usize
+    }
+}
+
+impl<'a> IntoIterator for &'a Block {
+    type Item = Result<Point, DecodeError>;
+    type IntoIter = Decoder<'a>;
+
+    fn into_iter(self) -> Decoder<'a> {
+        self.iter()
     }
 }
 
@@ -386,22 +404,18 @@ impl<'a> Decoder<'a> {
     }
 
     fn read_timestamp(&mut self) -> Result<i64, DecodeError> {
-        let dod = if !self.bit()? {
-            0
-        } else {
-            let width = if !self.bit()? {
-                7
-            } else if !self.bit()? {
-                9
-            } else if !self.bit()? {
-                12
-            } else {
-                64
-            };
-            let raw = self.bits(width)?;
-            if width == 64 {
-                raw as i64
-            } else {
+        // The control code is a run of up to four '1's ended by a '0' (the fourth '1' needs
+        // no terminator): its length picks the field width.
+        let mut ones = 0;
+        while ones < 4 && self.bit()? {
+            ones += 1;
+        }
+        let dod = match ones {
+            0 => 0,
+            4 => self.bits(64)? as i64,
+            _ => {
+                let width = [7, 9, 12][ones - 1];
+                let raw = self.bits(width)?;
                 // Sign-extend the n-bit two's complement field, then undo the shift by one.
                 let shift = 64 - width;
                 (((raw << shift) as i64) >> shift).wrapping_add(1)
@@ -425,15 +439,7 @@ impl<'a> Decoder<'a> {
         if !self.bit()? {
             return Ok(self.prev_value);
         }
-        let xor = if !self.bit()? {
-            let Some((pl, pt)) = self.window else {
-                return Err(DecodeError::Corrupt {
-                    point,
-                    reason: "value reuses a window before one was set",
-                });
-            };
-            self.bits(64 - pl - pt)? << pt
-        } else {
+        let xor = if self.bit()? {
             let leading = self.bits(5)? as u32;
             let mut meaningful = self.bits(6)? as u32;
             if meaningful == 0 {
@@ -448,6 +454,14 @@ impl<'a> Decoder<'a> {
             let trailing = 64 - leading - meaningful;
             self.window = Some((leading, trailing));
             self.bits(meaningful)? << trailing
+        } else {
+            let Some((pl, pt)) = self.window else {
+                return Err(DecodeError::Corrupt {
+                    point,
+                    reason: "value reuses a window before one was set",
+                });
+            };
+            self.bits(64 - pl - pt)? << pt
         };
         Ok(self.prev_value ^ xor)
     }

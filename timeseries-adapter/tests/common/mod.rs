@@ -61,7 +61,7 @@ impl SegmentFlusher for FlakyFlusher {
         if fail {
             let n = self.failures.fetch_add(1, Ordering::Relaxed);
             let path = self.inner.dir().join(format!("{:020}.tmp", batch.id));
-            let source = if n % 2 == 0 {
+            let source = if n.is_multiple_of(2) {
                 io::Error::new(
                     io::ErrorKind::StorageFull,
                     "injected: no space left on device",
@@ -108,14 +108,14 @@ pub fn series_points(s: u64, n: usize) -> Vec<Point> {
     for i in 0..n as u64 {
         let h = mix(s << 32 | i);
         ts += 10_000
-            + if h % 10 == 0 {
+            + if h.is_multiple_of(10) {
                 (h >> 8) as i64 % 50 - 25
             } else {
                 0
             };
         let value = match s % 4 {
             0 => {
-                if h % 50 == 0 {
+                if h.is_multiple_of(50) {
                     v += 1.0;
                 }
                 v
