@@ -115,7 +115,7 @@ fn checksum(path: &Path) -> Result<(u32, u64), HnswError> {
     let file = File::open(path).map_err(|e| HnswError::io(path, e))?;
     let mut reader = BufReader::new(file);
     let mut hasher = crc32fast::Hasher::new();
-    let mut buf = [0u8; 64 * 1024];
+    let mut buf = [0u8; 16 * 1024];
     let mut len = 0u64;
     loop {
         let n = reader.read(&mut buf).map_err(|e| HnswError::io(path, e))?;
