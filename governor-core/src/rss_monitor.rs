@@ -44,7 +44,8 @@
 //! for a loop to amplify. The one loop that could feed itself is reclaim: freed reservations
 //! lower `T` at once while jemalloc keeps the pages resident for a while, which looks like
 //! *more* untracked memory. It is cut three ways: dirty pages are purged before and after
-//! a reclaim, a reclaim asks only for the excess over the Critical threshold (a hysteresis
+//! a reclaim (and only the drop in RSS a purge caused is credited back at once, see
+//! [`UntrackedFilter::credit`]), a reclaim asks only for the excess over the Critical threshold (a hysteresis
 //! band below Emergency), and reclaims are separated by a cool-down. The unit tests drive the
 //! law over a synthetic ramp and a closed-loop simulation, without threads.
 
@@ -54,7 +55,10 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::alloc::{Figure, JemallocStats, MemorySource, jemalloc_is_global_allocator, process_resident_bytes, purge_all_arenas};
+use crate::alloc::{
+    Figure, JemallocStats, MemorySource, jemalloc_is_global_allocator, process_resident_bytes,
+    purge_all_arenas,
+};
 use crate::{MemError, MemoryGovernor, PressureLevel, ReclaimScope, human_bytes, mib};
 
 /// The monitor's default sampling interval.
@@ -107,19 +111,30 @@ impl ControlLaw {
         if !(self.release > 0.0 && self.release <= 1.0) {
             return Err(invalid(
                 "release",
-                format!("{} is outside (0, 1]; 0 would never return memory, above 1 would overshoot", self.release),
+                format!(
+                    "{} is outside (0, 1]; 0 would never return memory, above 1 would overshoot",
+                    self.release
+                ),
             ));
         }
         if self.deadband >= ceiling {
             return Err(invalid(
                 "deadband",
-                format!("{} is not below the ceiling {}", human_bytes(self.deadband), human_bytes(ceiling)),
+                format!(
+                    "{} is not below the ceiling {}",
+                    human_bytes(self.deadband),
+                    human_bytes(ceiling)
+                ),
             ));
         }
         if self.headroom >= ceiling {
             return Err(invalid(
                 "headroom",
-                format!("{} is not below the ceiling {}", human_bytes(self.headroom), human_bytes(ceiling)),
+                format!(
+                    "{} is not below the ceiling {}",
+                    human_bytes(self.headroom),
+                    human_bytes(ceiling)
+                ),
             ));
         }
         Ok(())
@@ -174,11 +189,17 @@ impl UntrackedFilter {
         self.published()
     }
 
-    /// Takes `resident` − `reserved` as the truth at once, skipping the release. Used right
-    /// after the monitor purged the allocator: the drop it measures then is memory the
-    /// monitor itself returned to the OS, not a transient dip.
-    pub fn reset(&mut self, resident: usize, reserved: usize) -> usize {
-        self.state = Some(resident.saturating_sub(reserved).min(self.ceiling));
+    /// Returns `returned` bytes at once, skipping the release, then takes a sample:
+    /// `s ← max(u, s − returned)`. Used right after the monitor purged the allocator, with
+    /// `returned` the drop in resident memory the purge caused: that much is known to have
+    /// left, not a transient dip. Anything else stays under the normal law, and `s` never
+    /// goes below the measured `u`.
+    pub fn credit(&mut self, returned: usize, resident: usize, reserved: usize) -> usize {
+        let raw = resident.saturating_sub(reserved).min(self.ceiling);
+        let next = self
+            .state
+            .map_or(raw, |s| s.saturating_sub(returned).max(raw));
+        self.state = Some(next);
         self.published()
     }
 
@@ -300,17 +321,20 @@ pub struct RssMonitorStats {
 struct MonitorState {
     filter: UntrackedFilter,
     cooldown: u32,
-    stats: RssMonitorStats,
 }
 
 struct Shared {
     config: RssMonitorConfig,
+    /// Held for a whole tick, so that `sample_now` and the thread never interleave.
     state: Mutex<MonitorState>,
+    /// Held only for a moment, so that `stats()` never waits for a slow reclaim.
+    stats: Mutex<RssMonitorStats>,
     stop: Mutex<bool>,
     wake: Condvar,
 }
 
-/// Keeps the RSS monitor running; dropping it stops the thread and waits for it.
+/// Keeps the RSS monitor running; dropping it stops the thread and waits for it (at most
+/// the reclaim wait of an Emergency tick in progress).
 ///
 /// The monitor holds the governor weakly: it also stops when the governor is dropped.
 #[must_use = "dropping the handle stops the monitor"]
@@ -332,7 +356,7 @@ impl std::fmt::Debug for RssMonitorHandle {
 impl RssMonitorHandle {
     /// What the monitor has seen and done so far.
     pub fn stats(&self) -> RssMonitorStats {
-        self.shared.state.lock().stats.clone()
+        self.shared.stats.lock().clone()
     }
 
     /// Takes a sample now, on the calling thread, exactly as a tick of the monitor would
@@ -342,10 +366,13 @@ impl RssMonitorHandle {
     /// [`MemError::Allocator`] when resident memory cannot be read; [`MemError::InvalidConfig`]
     /// when the governor was dropped.
     pub fn sample_now(&self) -> Result<usize, MemError> {
-        let governor = self.governor.upgrade().ok_or_else(|| MemError::InvalidConfig {
-            field: "rss_monitor".into(),
-            reason: "the governor this monitor watched has been dropped".into(),
-        })?;
+        let governor = self
+            .governor
+            .upgrade()
+            .ok_or_else(|| MemError::InvalidConfig {
+                field: "rss_monitor".into(),
+                reason: "the governor this monitor watched has been dropped".into(),
+            })?;
         tick(&governor, &self.shared)
     }
 
@@ -396,14 +423,22 @@ impl MemoryGovernor {
     /// [`MemError::InvalidConfig`] for an interval under 1 ms or an invalid control law;
     /// [`MemError::Allocator`] when no source of resident memory works here; never for a
     /// failure later on (those are counted in [`RssMonitorStats::errors`] and logged).
-    pub fn start_rss_monitor(self: &Arc<Self>, config: RssMonitorConfig) -> Result<RssMonitorHandle, MemError> {
+    pub fn start_rss_monitor(
+        self: &Arc<Self>,
+        config: RssMonitorConfig,
+    ) -> Result<RssMonitorHandle, MemError> {
         if config.interval < Duration::from_millis(1) {
             return Err(MemError::InvalidConfig {
                 field: "rss_monitor.interval".into(),
-                reason: format!("{:?} is below 1 ms; the monitor would spin", config.interval),
+                reason: format!(
+                    "{:?} is below 1 ms; the monitor would spin",
+                    config.interval
+                ),
             });
         }
-        let law = config.law.unwrap_or_else(|| ControlLaw::for_ceiling(self.ceiling()));
+        let law = config
+            .law
+            .unwrap_or_else(|| ControlLaw::for_ceiling(self.ceiling()));
         law.validate(self.ceiling())?;
         // Fail now, not silently in the thread, when there is nothing to measure.
         read_resident(config.source)?;
@@ -411,8 +446,8 @@ impl MemoryGovernor {
             state: Mutex::new(MonitorState {
                 filter: UntrackedFilter::new(law, self.ceiling()),
                 cooldown: 0,
-                stats: RssMonitorStats::default(),
             }),
+            stats: Mutex::new(RssMonitorStats::default()),
             config,
             stop: Mutex::new(false),
             wake: Condvar::new(),
@@ -504,21 +539,22 @@ fn tick(governor: &Arc<MemoryGovernor>, shared: &Shared) -> Result<usize, MemErr
     // One tick at a time: `sample_now` and the thread must not interleave their filter updates.
     let mut state = shared.state.lock();
     let config = &shared.config;
-    state.stats.ticks += 1;
+    shared.stats.lock().ticks += 1;
     let resident = match read_resident(config.source) {
         Ok(resident) => resident,
         Err(err) => {
-            state.stats.errors += 1;
-            if state.stats.errors == 1 {
+            let mut stats = shared.stats.lock();
+            stats.errors += 1;
+            if stats.errors == 1 {
                 tracing::warn!(error = %err, "RSS monitor cannot read resident memory; untracked figure frozen");
             }
-            state.stats.last_error = Some(err.to_string());
+            stats.last_error = Some(err.to_string());
             return Err(err);
         }
     };
     let reserved = governor.global_reserved();
     let published = state.filter.update(resident.bytes, reserved);
-    record(&mut state.stats, resident, reserved, published);
+    record(&shared.stats, resident, reserved, published);
     governor.set_untracked(published);
 
     if state.cooldown > 0 {
@@ -528,7 +564,7 @@ fn tick(governor: &Arc<MemoryGovernor>, shared: &Shared) -> Result<usize, MemErr
     if governor.global_pressure() < PressureLevel::Emergency {
         return Ok(published);
     }
-    state.stats.emergencies += 1;
+    shared.stats.lock().emergencies += 1;
     state.cooldown = config.cooldown_ticks;
     tracing::warn!(
         resident = resident.bytes,
@@ -538,56 +574,83 @@ fn tick(governor: &Arc<MemoryGovernor>, shared: &Shared) -> Result<usize, MemErr
         "RSS monitor: emergency pressure, purging allocator and reclaiming"
     );
     let mut published = published;
-    if config.purge_on_emergency && purge(&mut state) {
-        published = remeasure(governor, &mut state, config.source).unwrap_or(published);
+    let mut last_resident = resident.bytes;
+    if config.purge_on_emergency && purge(&shared.stats) {
+        (published, last_resident) = remeasure(
+            governor,
+            &mut state.filter,
+            &shared.stats,
+            config.source,
+            last_resident,
+        )
+        .unwrap_or((published, last_resident));
     }
     if config.reclaim_on_emergency && governor.global_pressure() >= PressureLevel::Emergency {
         let thresholds = governor.config().thresholds();
-        let target_used = (governor.ceiling() as u128 * u128::from(thresholds.critical_pct) / 100) as usize;
+        let target_used =
+            (governor.ceiling() as u128 * u128::from(thresholds.critical_pct) / 100) as usize;
         let used = governor.global_reserved() + published;
         let excess = used.saturating_sub(target_used);
         if excess > 0 {
-            state.stats.reclaims += 1;
+            shared.stats.lock().reclaims += 1;
             let freed = reclaim_borrowers(governor, excess, config.reclaim_wait);
-            state.stats.reclaimed_bytes += freed;
+            shared.stats.lock().reclaimed_bytes += freed;
             tracing::info!(asked = excess, freed, "RSS monitor reclaim from borrowers");
-            if config.purge_on_emergency && freed > 0 && purge(&mut state) {
-                published = remeasure(governor, &mut state, config.source).unwrap_or(published);
+            if config.purge_on_emergency && freed > 0 && purge(&shared.stats) {
+                (published, _) = remeasure(
+                    governor,
+                    &mut state.filter,
+                    &shared.stats,
+                    config.source,
+                    last_resident,
+                )
+                .unwrap_or((published, last_resident));
             }
         }
     }
     Ok(published)
 }
 
-fn record(stats: &mut RssMonitorStats, resident: Figure, reserved: usize, published: usize) {
+fn record(stats: &Mutex<RssMonitorStats>, resident: Figure, reserved: usize, published: usize) {
+    let mut stats = stats.lock();
     stats.last_resident = Some(resident);
     stats.last_raw_untracked = resident.bytes.saturating_sub(reserved);
     stats.published_untracked = published;
 }
 
 /// Purges every jemalloc arena; false (and counted as an error) when it failed.
-fn purge(state: &mut MonitorState) -> bool {
-    match purge_all_arenas() {
+fn purge(stats: &Mutex<RssMonitorStats>) -> bool {
+    let result = purge_all_arenas();
+    let mut stats = stats.lock();
+    match result {
         Ok(()) => {
-            state.stats.purges += 1;
+            stats.purges += 1;
             true
         }
         Err(err) => {
-            state.stats.errors += 1;
-            state.stats.last_error = Some(err.to_string());
+            stats.errors += 1;
+            stats.last_error = Some(err.to_string());
             false
         }
     }
 }
 
-/// After our own purge: measure again and take the figure as truth (see [`UntrackedFilter::reset`]).
-fn remeasure(governor: &Arc<MemoryGovernor>, state: &mut MonitorState, source: ResidentSource) -> Option<usize> {
+/// After our own purge: measure again and credit what the purge returned (see
+/// [`UntrackedFilter::credit`]). Returns the published figure and the resident bytes measured.
+fn remeasure(
+    governor: &Arc<MemoryGovernor>,
+    filter: &mut UntrackedFilter,
+    stats: &Mutex<RssMonitorStats>,
+    source: ResidentSource,
+    resident_before: usize,
+) -> Option<(usize, usize)> {
     let resident = read_resident(source).ok()?;
     let reserved = governor.global_reserved();
-    let published = state.filter.reset(resident.bytes, reserved);
-    record(&mut state.stats, resident, reserved, published);
+    let returned = resident_before.saturating_sub(resident.bytes);
+    let published = filter.credit(returned, resident.bytes, reserved);
+    record(stats, resident, reserved, published);
     governor.set_untracked(published);
-    Some(published)
+    Some((published, resident.bytes))
 }
 
 /// Asks every borrower for `bytes` and waits at most `wait` on the governor's reclaim runtime;
@@ -637,7 +700,9 @@ mod tests {
 
     /// Deterministic noise in [-amp, amp] (a small LCG; no randomness in unit tests).
     fn noise(i: usize, amp: usize) -> isize {
-        let x = (i as u64).wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        let x = (i as u64)
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
         let span = 2 * amp as u64 + 1;
         ((x >> 33) % span) as isize - amp as isize
     }
@@ -678,7 +743,10 @@ mod tests {
         assert_eq!(reversals(&output), 1);
         // Converged to within the dead band of the final input, and never below it.
         let last = *output.last().unwrap();
-        assert!(last >= 40 * MB && last - 40 * MB <= law().deadband, "{last}");
+        assert!(
+            last >= 40 * MB && last - 40 * MB <= law().deadband,
+            "{last}"
+        );
     }
 
     #[test]
@@ -688,7 +756,9 @@ mod tests {
         let mut gap = 100 * MB;
         for k in 1..=30 {
             let s = filter.update(0, 0);
-            let bound = law().deadband.max(((100 * MB) as f64 * 0.75f64.powi(k)).ceil() as usize);
+            let bound = law()
+                .deadband
+                .max(((100 * MB) as f64 * 0.75f64.powi(k)).ceil() as usize);
             assert!(s <= bound, "tick {k}: {s} > {bound}");
             assert!(s <= gap, "never rises on a falling input");
             gap = s;
@@ -705,10 +775,22 @@ mod tests {
         let mut filter = UntrackedFilter::new(law, 100 * MB);
         assert_eq!(filter.published(), 0);
         assert_eq!(filter.update(10 * MB, 0), 15 * MB);
-        assert_eq!(filter.update(usize::MAX, 0), 100 * MB, "clamped to the ceiling");
+        assert_eq!(
+            filter.update(usize::MAX, 0),
+            100 * MB,
+            "clamped to the ceiling"
+        );
         assert_eq!(filter.smoothed(), Some(100 * MB));
-        assert_eq!(filter.update(0, 50 * MB), 80 * MB, "reserved above resident is 0 untracked; release starts");
-        assert_eq!(filter.reset(20 * MB, 0), 25 * MB);
+        assert_eq!(
+            filter.update(0, 50 * MB),
+            80 * MB,
+            "reserved above resident is 0 untracked; release starts"
+        );
+        // 75 MiB smoothed: a purge that returned 30 MiB lowers it to 45, never below the sample.
+        assert_eq!(filter.credit(30 * MB, 20 * MB, 0), 50 * MB);
+        assert_eq!(filter.credit(100 * MB, 20 * MB, 0), 25 * MB);
+        // A dip the purge did not cause (an untouched reservation) is not taken at once.
+        assert_eq!(filter.credit(0, 0, 0), 25 * MB);
     }
 
     /// Closed loop without threads: an engine takes whatever room admission leaves each tick,
@@ -740,33 +822,68 @@ mod tests {
             }
             let resident = untracked + reserved;
             // The growth inside one tick is at most 1 MiB of untracked, within the headroom.
-            assert!(resident <= ceiling + MB, "tick {t}: resident {resident} over the ceiling");
+            assert!(
+                resident <= ceiling + MB,
+                "tick {t}: resident {resident} over the ceiling"
+            );
             published = filter.update(resident, reserved);
             reserved_trace.push(reserved);
         }
         // Once untracked memory has settled, the engine's share settles too: no limit cycle.
         let tail = &reserved_trace[500..];
-        assert!(tail.iter().all(|&r| r == tail[0]), "reservations keep moving: {:?}", &tail[..10]);
-        assert!(tail[0] >= ceiling - 30 * MB - law.headroom - law.deadband - step, "room was returned: {}", tail[0]);
+        assert!(
+            tail.iter().all(|&r| r == tail[0]),
+            "reservations keep moving: {:?}",
+            &tail[..10]
+        );
+        assert!(
+            tail[0] >= ceiling - 30 * MB - law.headroom - law.deadband - step,
+            "room was returned: {}",
+            tail[0]
+        );
     }
 
     #[test]
     fn invalid_laws_are_rejected_with_the_field() {
-        let bad = ControlLaw { release: 0.0, ..law() };
-        assert!(bad.validate(100 * MB).unwrap_err().to_string().contains("release"));
-        let bad = ControlLaw { release: 1.5, ..law() };
+        let bad = ControlLaw {
+            release: 0.0,
+            ..law()
+        };
+        assert!(
+            bad.validate(100 * MB)
+                .unwrap_err()
+                .to_string()
+                .contains("release")
+        );
+        let bad = ControlLaw {
+            release: 1.5,
+            ..law()
+        };
         assert!(bad.validate(100 * MB).is_err());
         let bad = ControlLaw {
             deadband: 100 * MB,
             ..law()
         };
-        assert!(bad.validate(100 * MB).unwrap_err().to_string().contains("deadband"));
+        assert!(
+            bad.validate(100 * MB)
+                .unwrap_err()
+                .to_string()
+                .contains("deadband")
+        );
         let bad = ControlLaw {
             headroom: 100 * MB,
             ..law()
         };
-        assert!(bad.validate(100 * MB).unwrap_err().to_string().contains("headroom"));
+        assert!(
+            bad.validate(100 * MB)
+                .unwrap_err()
+                .to_string()
+                .contains("headroom")
+        );
         assert!(ControlLaw::for_ceiling(100 * MB).validate(100 * MB).is_ok());
-        assert!(ControlLaw::for_ceiling(mib(2)).validate(mib(2)).is_ok(), "small ceilings get a valid law");
+        assert!(
+            ControlLaw::for_ceiling(mib(2)).validate(mib(2)).is_ok(),
+            "small ceilings get a valid law"
+        );
     }
 }

@@ -35,7 +35,7 @@ pub const DEFAULT_MAX_COLLECTION_ARENAS: usize = 256;
 
 /// The number of arenas jemalloc has now (automatic ones plus those created), `arenas.narenas`.
 pub fn arena_count() -> Result<u32, MemError> {
-    arenas::narenas::read().map_err(|e| ctl_error("arenas.narenas", &e))
+    arenas::narenas::read().map_err(|e| ctl_error("arenas.narenas", e))
 }
 
 /// Creates a new manual arena (`arenas.create`) and returns its index.
@@ -44,13 +44,13 @@ pub fn arena_count() -> Result<u32, MemError> {
 /// and recycles them.
 pub fn create_arena() -> Result<u32, MemError> {
     // SAFETY: `arenas.create` reads back an `unsigned` (c_uint) arena index.
-    unsafe { raw::read::<c_uint>(b"arenas.create\0") }.map_err(|e| ctl_error("arenas.create", &e))
+    unsafe { raw::read::<c_uint>(b"arenas.create\0") }.map_err(|e| ctl_error("arenas.create", e))
 }
 
 /// The arena the calling thread allocates from (`thread.arena`).
 pub fn current_thread_arena() -> Result<u32, MemError> {
     // SAFETY: `thread.arena` is an `unsigned` (c_uint).
-    unsafe { raw::read::<c_uint>(b"thread.arena\0") }.map_err(|e| ctl_error("thread.arena", &e))
+    unsafe { raw::read::<c_uint>(b"thread.arena\0") }.map_err(|e| ctl_error("thread.arena", e))
 }
 
 /// Binds the calling thread to arena `index` and returns the arena it was bound to before.
@@ -73,7 +73,7 @@ pub fn pin_thread_arena(index: u32) -> Result<u32, MemError> {
     }
     // SAFETY: `thread.arena` is an `unsigned` (c_uint) and `index` names an existing arena.
     let previous = unsafe { raw::update::<c_uint>(b"thread.arena\0", index) }
-        .map_err(|e| ctl_error(&format!("thread.arena = {index}"), &e))?;
+        .map_err(|e| ctl_error(&format!("thread.arena = {index}"), e))?;
     flush_thread_cache()?;
     Ok(previous)
 }
@@ -173,7 +173,7 @@ impl ArenaStats {
     /// [`MemError::Allocator`] when the arena does not exist or was never used (jemalloc
     /// initialises automatic arenas lazily and keeps no statistics for them until then).
     pub fn query(arena: u32) -> Result<Self, MemError> {
-        epoch::advance().map_err(|e| ctl_error("epoch", &e))?;
+        epoch::advance().map_err(|e| ctl_error("epoch", e))?;
         Self::read_current_epoch(arena)
     }
 
@@ -191,7 +191,7 @@ impl ArenaStats {
         };
         // SAFETY: `arenas.page` is a `size_t`.
         let page = unsafe { raw::read::<usize>(b"arenas.page\0") }
-            .map_err(|e| ctl_error("arenas.page", &e))?;
+            .map_err(|e| ctl_error("arenas.page", e))?;
         Ok(Self {
             arena,
             resident: read("resident")?,
@@ -411,7 +411,7 @@ impl CollectionArenaRegistry {
 
     /// Each collection's arena figures, read in one stats epoch, sorted by collection.
     pub fn stats(&self) -> Result<Vec<CollectionArenaStats>, MemError> {
-        epoch::advance().map_err(|e| ctl_error("epoch", &e))?;
+        epoch::advance().map_err(|e| ctl_error("epoch", e))?;
         let mut state = self.state.lock();
         let mut out = Vec::with_capacity(state.slots.len());
         for (key, slot) in &mut state.slots {

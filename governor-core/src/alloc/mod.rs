@@ -36,9 +36,13 @@
 //! allocator: that choice belongs to the binary. Binaries and tests in this workspace opt in
 //! with the usual one-liner:
 //!
-//! ```ignore
+//! ```
 //! #[global_allocator]
 //! static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+//!
+//! fn main() {
+//!     assert!(governor_core::alloc::jemalloc_is_global_allocator());
+//! }
 //! ```
 //!
 //! Without it, the arena functions still work but steer jemalloc's own (empty) heap, and the
@@ -64,7 +68,7 @@ pub const MALLCTL_ARENAS_ALL: u32 = 4096;
 
 /// Turns a mallctl failure into the crate's error, naming the key so that a person on call can
 /// look it up in `man jemalloc`.
-pub(crate) fn ctl_error(key: &str, err: &tikv_jemalloc_ctl::Error) -> MemError {
+pub(crate) fn ctl_error(key: &str, err: tikv_jemalloc_ctl::Error) -> MemError {
     MemError::Allocator {
         reason: format!("jemalloc mallctl `{key}` failed: {err}"),
     }

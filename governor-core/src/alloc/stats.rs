@@ -68,14 +68,14 @@ impl JemallocStats {
     /// Reads the figures; advances jemalloc's stats epoch first, so they are current.
     pub fn query() -> Result<Self, MemError> {
         // jemalloc caches its statistics; they are refreshed only when the epoch advances.
-        epoch::advance().map_err(|e| ctl_error("epoch", &e))?;
+        epoch::advance().map_err(|e| ctl_error("epoch", e))?;
         Ok(Self {
-            allocated: stats::allocated::read().map_err(|e| ctl_error("stats.allocated", &e))?,
-            active: stats::active::read().map_err(|e| ctl_error("stats.active", &e))?,
-            resident: stats::resident::read().map_err(|e| ctl_error("stats.resident", &e))?,
-            mapped: stats::mapped::read().map_err(|e| ctl_error("stats.mapped", &e))?,
-            retained: stats::retained::read().map_err(|e| ctl_error("stats.retained", &e))?,
-            metadata: stats::metadata::read().map_err(|e| ctl_error("stats.metadata", &e))?,
+            allocated: stats::allocated::read().map_err(|e| ctl_error("stats.allocated", e))?,
+            active: stats::active::read().map_err(|e| ctl_error("stats.active", e))?,
+            resident: stats::resident::read().map_err(|e| ctl_error("stats.resident", e))?,
+            mapped: stats::mapped::read().map_err(|e| ctl_error("stats.mapped", e))?,
+            retained: stats::retained::read().map_err(|e| ctl_error("stats.retained", e))?,
+            metadata: stats::metadata::read().map_err(|e| ctl_error("stats.metadata", e))?,
         })
     }
 
