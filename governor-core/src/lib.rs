@@ -119,3 +119,10 @@ pub use reservation::ReservationToken;
 pub use spill::{SpillAction, SpillConfig, SpillController};
 
 // --- allocator & NUMA (issue 6) ---
+pub use alloc::{
+    CollectionArenaRegistry, CollectionKey, SystemMemoryStats, current_thread_arena,
+    pin_thread_arena,
+};
+#[cfg(feature = "numa")]
+pub use numa::{NumaCeilings, NumaTopology, bind_thread_to_local_numa};
+pub use rss_monitor::{RssMonitorConfig, RssMonitorHandle, RssMonitorStats};
