@@ -455,7 +455,7 @@ impl TimeseriesAdapter {
     /// Flushes everything in memory. Returns the bytes given back to the governor, or the
     /// first flush error (the data stays in memory; call again to retry).
     pub async fn flush_all(&self) -> Result<usize, FlushError> {
-        self.inner.flush(usize::MAX).await
+        Inner::flush(&self.inner, usize::MAX).await
     }
 
     /// Memory breakdown of the memtable (see [`MemtableMemory`]).
@@ -494,7 +494,18 @@ impl Inner {
     /// Flushes: first any frozen batches (oldest first: a failed flush is retried before new
     /// data is frozen), then freezes and writes the largest/oldest series until `target`
     /// bytes were given back. Stops at the first failure, keeping the failed batch in memory.
-    async fn flush(&self, target: usize) -> Result<usize, FlushError> {
+    ///
+    /// The flush runs as its own task, so a caller that stops waiting (a reclaim cut off by
+    /// the governor's timeout, a dropped `flush_all`) never abandons a segment write half
+    /// way: the write finishes, and is published, on its own.
+    async fn flush(self: &Arc<Self>, target: usize) -> Result<usize, FlushError> {
+        let this = Arc::clone(self);
+        tokio::spawn(async move { this.flush_in_task(target).await })
+            .await
+            .map_err(|e| FlushError::Other(format!("flush task failed: {e}")))?
+    }
+
+    async fn flush_in_task(&self, target: usize) -> Result<usize, FlushError> {
         let _one_at_a_time = self.flush_lock.lock().await;
         let mut released = 0usize;
         loop {

@@ -333,34 +333,43 @@ impl Memtable {
             self.index_alloc = self.series.allocation_size();
             self.note_peak();
         }
-        for (i, p) in points.iter().enumerate() {
-            let state = self.series.get(&series).expect("inserted above");
-            if !state.enc.is_empty() && p.ts <= state.enc.last_ts() {
+        let mut i = 0;
+        loop {
+            // One lookup per run of appends: the inner loop appends while the block has room
+            // for a worst-case point, and leaves only to grow the block (a reservation step).
+            let state = self.series.get_mut(&series).expect("inserted above");
+            while i < points.len() && state.enc.spare_bits() >= MAX_BITS_PER_POINT {
+                let p = points[i];
+                if let Err(crate::gorilla::EncodeError::OutOfOrder { last, got }) =
+                    state.enc.append(p.ts, p.value)
+                {
+                    return (i, AppendStop::OutOfOrder { last, got });
+                }
+                i += 1;
+            }
+            if i == points.len() {
+                break;
+            }
+            // Refuse an out-of-order point before paying for growth it would not use.
+            if !state.enc.is_empty() && points[i].ts <= state.enc.last_ts() {
+                let last = state.enc.last_ts();
                 return (
                     i,
                     AppendStop::OutOfOrder {
-                        last: state.enc.last_ts(),
-                        got: p.ts,
+                        last,
+                        got: points[i].ts,
                     },
                 );
             }
-            if state.enc.spare_bits() < MAX_BITS_PER_POINT {
-                let cap = state.enc.capacity_words();
-                let grow = (cap / 2).clamp(MIN_GROW_WORDS, MAX_GROW_WORDS);
-                if let Err(stop) = self.ensure(grow * 8, allow_grow) {
-                    return (i, stop);
-                }
-                let state = self.series.get_mut(&series).expect("inserted above");
-                state.enc.grow_to_words(cap + grow);
-                self.active_bytes += (state.enc.capacity_words() - cap) * 8;
-                self.note_peak();
+            let cap = state.enc.capacity_words();
+            let grow = (cap / 2).clamp(MIN_GROW_WORDS, MAX_GROW_WORDS);
+            if let Err(stop) = self.ensure(grow * 8, allow_grow) {
+                return (i, stop);
             }
             let state = self.series.get_mut(&series).expect("inserted above");
-            if let Err(crate::gorilla::EncodeError::OutOfOrder { last, got }) =
-                state.enc.append(p.ts, p.value)
-            {
-                return (i, AppendStop::OutOfOrder { last, got });
-            }
+            state.enc.grow_to_words(cap + grow);
+            self.active_bytes += (state.enc.capacity_words() - cap) * 8;
+            self.note_peak();
         }
         (points.len(), AppendStop::Done)
     }
