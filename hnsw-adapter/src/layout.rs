@@ -113,11 +113,10 @@ pub fn loaded_point_bytes(dim: usize, edges_per_layer: &[usize]) -> usize {
 /// Bytes of the reload's temporary structures for one point: its entry in the neighbourhood
 /// map (key + 16-slot `Vec<Vec<Neighbour>>`, its per-layer lists sized exactly) and the
 /// map's bucket share, counted twice because a growing map holds old and new tables at once.
-pub fn load_transient_point_bytes(nb_layer: usize, edges_per_layer: &[usize]) -> usize {
+pub fn load_transient_point_bytes(edges_per_layer: &[usize]) -> usize {
     let bucket = size_of::<(hnsw_rs::hnsw::PointId, Vec<Vec<Neighbour>>)>() + 1;
     // Buckets run at most 7/8 full and double: between 8/7 and 16/7 buckets per point; the
     // old table lives on during a resize, so take 2 × 16/7 ≈ 5 buckets per point.
-    let _ = nb_layer;
     5 * bucket
         + size_class(NB_LAYER_MAX * size_of::<Vec<Neighbour>>())
         + edges_per_layer

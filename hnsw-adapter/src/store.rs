@@ -178,75 +178,93 @@ fn read_manifest(path: &Path) -> Result<SegmentManifest, HnswError> {
 
 impl GovernedHnsw {
     /// Dumps this graph into `dir` as generation `generation` and returns its manifest (the
-    /// manifest file is written last, atomically). Inserts wait while the dump runs.
+    /// manifest file is written last, atomically). Inserts wait for the whole persist, so
+    /// no insert can land between the dump and clearing the dirty flag.
     pub(crate) fn persist(
         &self,
         dir: &Path,
         generation: u64,
         previous: Option<&SegmentManifest>,
     ) -> Result<SegmentManifest, HnswError> {
+        self.with_write_lock(|_| {
+            let manifest = self.dump_graph(dir, generation)?;
+            self.write_manifest(dir, &manifest, previous)?;
+            self.mark_clean();
+            Ok(manifest)
+        })
+    }
+
+    /// Sizes the graph as `hnswio` will reload it and dumps it. Caller holds the write lock.
+    fn dump_graph(&self, dir: &Path, generation: u64) -> Result<SegmentManifest, HnswError> {
         let id = self.id().clone();
         let params = *self.params();
-        let manifest = self.with_write_lock(|_| -> Result<SegmentManifest, HnswError> {
-            let (layer_len, resident, transient) = self.graph().with_dependent(|_, g| {
-                let counts = layer_counts(g);
-                let mut resident = SEGMENT_FIXED_BYTES
-                    + size_class(NB_LAYER_MAX * std::mem::size_of::<Vec<usize>>());
-                let mut transient = 0;
-                for (l, &n) in counts.iter().enumerate() {
-                    resident += size_class(n * std::mem::size_of::<usize>());
-                    for p in g.get_point_indexation().get_layer_iterator(l) {
-                        let edges: Vec<usize> =
-                            p.get_neighborhood_id().iter().map(Vec::len).collect();
-                        resident += loaded_point_bytes(params.dim, &edges);
-                        transient += load_transient_point_bytes(params.max_layer, &edges);
-                    }
+        let (layer_len, resident, transient) = self.graph().with_dependent(|_, g| {
+            let counts = layer_counts(g);
+            let mut resident =
+                SEGMENT_FIXED_BYTES + size_class(NB_LAYER_MAX * std::mem::size_of::<Vec<usize>>());
+            let mut transient = 0;
+            for (l, &n) in counts.iter().enumerate() {
+                resident += size_class(n * std::mem::size_of::<usize>());
+                for p in g.get_point_indexation().get_layer_iterator(l) {
+                    let edges: Vec<usize> = p.get_neighborhood_id().iter().map(Vec::len).collect();
+                    resident += loaded_point_bytes(params.dim, &edges);
+                    transient += load_transient_point_bytes(&edges);
                 }
-                (counts, resident, load_transient_bytes(transient))
-            });
-            let points: usize = layer_len.iter().sum();
-            let mut m = SegmentManifest {
-                format: FORMAT,
-                collection: id.collection().to_owned(),
-                shard: id.shard(),
-                generation,
-                basename: None,
-                dim: params.dim,
-                max_connections: params.max_connections,
-                ef_construction: params.ef_construction,
-                max_layer: params.max_layer,
-                expected_points: params.expected_points,
-                layer_len: layer_len.to_vec(),
-                resident_bytes: resident,
-                load_transient_bytes: transient,
-                graph_crc32: 0,
-                graph_len: 0,
-                data_crc32: 0,
-                data_len: 0,
-            };
-            if points > 0 {
-                let wanted = format!("{}.g{generation}", id.file_stem());
-                let dumped = no_panic(|| {
-                    self.graph()
-                        .with_dependent(|_, g| g.file_dump(dir, &wanted))
-                })
-                .and_then(|r| r.map_err(|e| e.to_string()))
-                .map_err(|reason| HnswError::Dump {
-                    segment: id.clone(),
-                    reason,
-                })?;
-                let (graph, data) = dump_files(dir, &dumped);
-                sync_file(&graph)?;
-                sync_file(&data)?;
-                (m.graph_crc32, m.graph_len) = checksum(&graph)?;
-                (m.data_crc32, m.data_len) = checksum(&data)?;
-                m.basename = Some(dumped);
             }
-            Ok(m)
-        })?;
-        let path = manifest_path(dir, &id);
+            (counts, resident, load_transient_bytes(transient))
+        });
+        let points: usize = layer_len.iter().sum();
+        let mut m = SegmentManifest {
+            format: FORMAT,
+            collection: id.collection().to_owned(),
+            shard: id.shard(),
+            generation,
+            basename: None,
+            dim: params.dim,
+            max_connections: params.max_connections,
+            ef_construction: params.ef_construction,
+            max_layer: params.max_layer,
+            expected_points: params.expected_points,
+            layer_len: layer_len.to_vec(),
+            resident_bytes: resident,
+            load_transient_bytes: transient,
+            graph_crc32: 0,
+            graph_len: 0,
+            data_crc32: 0,
+            data_len: 0,
+        };
+        if points > 0 {
+            let wanted = format!("{}.g{generation}", id.file_stem());
+            let dumped = no_panic(|| {
+                self.graph()
+                    .with_dependent(|_, g| g.file_dump(dir, &wanted))
+            })
+            .and_then(|r| r.map_err(|e| e.to_string()))
+            .map_err(|reason| HnswError::Dump {
+                segment: id.clone(),
+                reason,
+            })?;
+            let (graph, data) = dump_files(dir, &dumped);
+            sync_file(&graph)?;
+            sync_file(&data)?;
+            (m.graph_crc32, m.graph_len) = checksum(&graph)?;
+            (m.data_crc32, m.data_len) = checksum(&data)?;
+            m.basename = Some(dumped);
+        }
+        Ok(m)
+    }
+
+    /// Writes the manifest atomically, then drops the previous generation's files.
+    fn write_manifest(
+        &self,
+        dir: &Path,
+        manifest: &SegmentManifest,
+        previous: Option<&SegmentManifest>,
+    ) -> Result<(), HnswError> {
+        let id = self.id();
+        let path = manifest_path(dir, id);
         let tmp = path.with_extension("json.tmp");
-        let text = serde_json::to_string_pretty(&manifest).map_err(|e| HnswError::Dump {
+        let text = serde_json::to_string_pretty(manifest).map_err(|e| HnswError::Dump {
             segment: id.clone(),
             reason: e.to_string(),
         })?;
@@ -264,8 +282,7 @@ impl GovernedHnsw {
             let _ = fs::remove_file(old_graph);
             let _ = fs::remove_file(old_data);
         }
-        self.mark_clean();
-        Ok(manifest)
+        Ok(())
     }
 }
 

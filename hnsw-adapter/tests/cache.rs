@@ -275,3 +275,65 @@ async fn global_pressure_sheds_cold_segments_and_pinned_go_last() {
         "the other pinned segment stays"
     );
 }
+
+#[test]
+fn concurrent_searches_and_inserts_stay_within_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let gov = governor(mib(512), mib(1024));
+        let cache = HnswCache::builder(gov, dir.path())
+            .params(params(800))
+            .build()
+            .unwrap();
+        populate(&cache, 8, 800);
+    }
+    let total = {
+        let gov = governor(mib(512), mib(1024));
+        let cache = HnswCache::builder(gov, dir.path()).build().unwrap();
+        cache.search_all(&vectors(1, 1)[0], 1, 16).unwrap();
+        cache.stats().resident_bytes
+    };
+    let limit = total / 2;
+    let gov = governor(limit, mib(1024));
+    let cache = Arc::new(HnswCache::builder(gov.clone(), dir.path()).build().unwrap());
+    let sampler = Sampler::start(gov.clone());
+    let fresh = hnsw_adapter::SegmentId::new("fresh", 0).unwrap();
+    cache.create_segment(&fresh).unwrap();
+    std::thread::scope(|s| {
+        for t in 0..3 {
+            let cache = &cache;
+            s.spawn(move || {
+                for q in vectors(8, 500 + t) {
+                    match cache.search_all(&q, 10, 32) {
+                        Ok(hits) => assert_eq!(hits.len(), 10),
+                        // Three loaders at once can each hold a load's peak: a refusal for
+                        // room is allowed, anything else is a bug.
+                        Err(e) => assert!(e.is_backpressure(), "{e}"),
+                    }
+                }
+            });
+        }
+        let cache = &cache;
+        let fresh = &fresh;
+        s.spawn(move || {
+            for (i, v) in vectors(400, 77).iter().enumerate() {
+                match cache.insert(fresh, i, v) {
+                    Ok(()) => {}
+                    Err(e) => assert!(e.is_backpressure(), "{e}"),
+                }
+            }
+        });
+    });
+    let (max_seen, _) = sampler.finish();
+    println!(
+        "concurrent: limit {limit} B, max seen {max_seen} B, {:?}",
+        cache.stats()
+    );
+    assert!(max_seen <= limit);
+    assert!(
+        !cache
+            .search(&fresh, &vectors(400, 77)[0], 1, 16)
+            .unwrap()
+            .is_empty()
+    );
+}
