@@ -24,10 +24,11 @@
 //!                                       │ denials, overcommit              │   ReservationToken
 //!  HashJoinInput[1] ─────────────────►  └ one ReservationToken ────────────┴──► (engine Query)
 //!                                                                                     │
-//!   try_grow(n):  1. policy: spiller within its fair share?  unspillable: always     │
+//!   try_grow(n):  1. policy: spiller within its fair share, or above it while nobody
+//!                    starves?  unspillable: always                                   │
 //!                 2. token.try_grow(n): Query limit and global ceiling, atomically ◄─┘
-//!                 3. unspillable denied → governor.reclaim_for_blocking + squeeze
-//!                    spillers, bounded by reclaim_wait, retry → else ResourcesExhausted
+//!                 3. unspillable denied → governor.reclaim_for_blocking, then wait
+//!                    as starving (bounded by reclaim_wait), retry → else ResourcesExhausted
 //!   grow(n):      token.try_grow, else token.force_grow (booked as overcommit)
 //!   shrink(n):    token.shrink; overcommit paid back first
 //! ```
@@ -37,22 +38,32 @@
 //!   engines are idle it is the Query *limit*; when they hold their floors it shrinks. The
 //!   governor's token is the only booking, so the Query engine never holds more than its
 //!   limit (a hard limit, unlike `FairSpillPool`) and the global ceiling holds.
-//! * **Fair among the active.** A spilling consumer may hold at most
+//! * **Fair among the active.** A spilling consumer's fair share is
 //!   `(budget − max(headroom, unspillable)) / active spillers`, where *active* means holding
-//!   memory or asking now. Checked per consumer (all its reservations together), not per
-//!   reservation. A lone sort gets the whole spillable part; two share it evenly, so neither
-//!   partition starves the other the way `GreedyMemoryPool` lets it.
-//! * **Headroom for those who cannot spill.** Spillers never take the last
+//!   memory or asking now, checked per consumer (all its reservations together), not per
+//!   reservation. Idle registered operators do not shrink anyone's share.
+//! * **Work-conserving.** Above its share a spiller may still take memory that nobody is
+//!   waiting for (a lone sort gets the whole spillable part, a finished partition's share is
+//!   not wasted). When a consumer is *starving* — an unspillable one denied, or a spiller
+//!   denied while within its share — every spiller above its share is denied on its next
+//!   request, which makes it spill, and the starving one waits (bounded) for that memory.
+//!   So the second sort partition no longer fails with nothing to spill, the way
+//!   `GreedyMemoryPool` lets it.
+//! * **Headroom for those who cannot spill.** While any unspillable consumer is registered,
+//!   spillers never take the last
 //!   [`unspillable_headroom`](GovernedPoolBuilder::unspillable_headroom) of the budget
-//!   (default 20 %), so a hash-join build side or a sort's merge reservation arriving late
-//!   still finds room (apache/datafusion#17334). Unspillable consumers themselves are
-//!   first-come, first-served up to the whole budget.
+//!   (default 20 %), so a hash-join build side or a sort's merge reservation growing late
+//!   still finds room (apache/datafusion#17334). DataFusion registers operators when they
+//!   start, before they grow, so the headroom is in place in time; a plan of spillable
+//!   aggregates alone is not made to spill early for nobody. Unspillable consumers
+//!   themselves are first-come, first-served up to the whole budget.
 //! * **Reclaim before failing.** When an unspillable consumer is denied anyway, the pool asks
 //!   the governor to reclaim from engines that borrowed beyond their floors
 //!   ([`MemoryGovernor::reclaim_for_blocking`]), then, if this pool's spillers hold memory,
-//!   shrinks their shares by the bytes wanted so their next `try_grow` is denied and they
-//!   spill. It retries until [`reclaim_wait`](GovernedPoolBuilder::reclaim_wait) (500 ms) has
-//!   passed and only then fails.
+//!   shrinks their shares by the bytes wanted and counts as starving, so they spill. It
+//!   retries until [`reclaim_wait`](GovernedPoolBuilder::reclaim_wait) (500 ms) has passed
+//!   and only then fails. (`try_grow` is synchronous, so this wait blocks the worker thread;
+//!   it is bounded, and the alternative is failing the query.)
 //! * **Errors name the culprits.** `try_grow` fails with exactly
 //!   `DataFusionError::ResourcesExhausted` (aggregates spill only on that variant), and the
 //!   message names the consumer, the reason (fair share or the governor's refusal), the top

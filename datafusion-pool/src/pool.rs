@@ -51,8 +51,13 @@ pub struct GovernedMemoryPool {
     /// Bytes unspillable consumers are waiting for; spillers' shares shrink by this much so
     /// that they spill and make room.
     pending_unspillable: AtomicUsize,
+    /// Consumers waiting for memory that is theirs by right (unspillable ones, or spillers
+    /// under their fair share). While any wait, no spiller may exceed its share.
+    starving: AtomicUsize,
     /// Spillable consumers holding memory: the "active" ones fair shares are computed over.
     active_spillers: AtomicUsize,
+    /// Registered consumers that cannot spill; the headroom is kept only while there are any.
+    unspillable_consumers: AtomicUsize,
     overcommit: AtomicUsize,
     peak_overcommit: AtomicUsize,
     denials: AtomicU64,
@@ -89,6 +94,13 @@ pub struct PoolStats {
     pub reclaimed: usize,
 }
 
+/// A spiller's fair share and what it was computed from.
+struct Share {
+    share: usize,
+    active: usize,
+    spillable_budget: usize,
+}
+
 /// Why a `try_grow` was refused; rendered into the `ResourcesExhausted` message.
 enum Denial {
     FairShare { share: usize, active: usize },
@@ -119,7 +131,9 @@ impl GovernedMemoryPool {
             reserved: AtomicUsize::new(0),
             unspillable: AtomicUsize::new(0),
             pending_unspillable: AtomicUsize::new(0),
+            starving: AtomicUsize::new(0),
             active_spillers: AtomicUsize::new(0),
+            unspillable_consumers: AtomicUsize::new(0),
             overcommit: AtomicUsize::new(0),
             peak_overcommit: AtomicUsize::new(0),
             denials: AtomicU64::new(0),
@@ -163,25 +177,48 @@ impl GovernedMemoryPool {
         v
     }
 
-    /// The most a spillable consumer may hold right now.
+    /// The most a spillable consumer may hold right now, when memory is contended.
     ///
     /// `budget` is what the Query engine could hold in total at this instant: its own
     /// reservations plus what the governor would still grant (the smaller of the room under
     /// its limit and the room under the ceiling). Unspillable consumers come first — at least
     /// the headroom is kept for them, more if they already hold more or are waiting for
-    /// more — and the rest is split evenly among the spillers that hold memory, counting the
-    /// asking one. Idle registered spillers do not count (unlike `FairSpillPool`, apache/
-    /// datafusion#22036), so a lone sort gets the whole spillable part.
-    fn spill_share(&self, consumer_reserved: usize) -> (usize, usize) {
+    /// more — and the rest (the *spillable budget*) is split evenly among the spillers that
+    /// hold memory, counting the asking one. Idle registered spillers do not count (unlike
+    /// `FairSpillPool`, apache/datafusion#22036), so a lone sort gets the whole spillable part.
+    fn spill_share(&self, consumer_reserved: usize) -> Share {
         let budget = self.governor.reserved(ENGINE) + self.governor.available(ENGINE);
-        let headroom =
-            (self.governor.limit(ENGINE) as f64 * self.options.unspillable_headroom) as usize;
+        let headroom = self.headroom();
         let unspillable = self.unspillable.load(Ordering::Relaxed)
             + self.pending_unspillable.load(Ordering::Relaxed);
         let spillable_budget = budget.saturating_sub(headroom.max(unspillable));
-        let active =
-            self.active_spillers.load(Ordering::Relaxed) + usize::from(consumer_reserved == 0);
-        (spillable_budget / active.max(1), active.max(1))
+        let active = (self.active_spillers.load(Ordering::Relaxed)
+            + usize::from(consumer_reserved == 0))
+        .max(1);
+        Share {
+            share: spillable_budget / active,
+            active,
+            spillable_budget,
+        }
+    }
+
+    /// Bytes kept free of spillers for unspillable consumers: the configured fraction of the
+    /// Query limit while any unspillable consumer is registered, nothing otherwise. DataFusion
+    /// registers a consumer when its operator starts, before it asks for memory, so a plan
+    /// with a hash join or a sort has its headroom in place before the build side grows,
+    /// while a plan of only spillable aggregates is not made to spill early for nobody.
+    fn headroom(&self) -> usize {
+        if self.unspillable_consumers.load(Ordering::Relaxed) == 0 {
+            return 0;
+        }
+        (self.governor.limit(ENGINE) as f64 * self.options.unspillable_headroom) as usize
+    }
+
+    /// Bytes held by this pool's spillable consumers.
+    fn spillable_reserved(&self) -> usize {
+        self.reserved
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.unspillable.load(Ordering::Relaxed))
     }
 
     fn consumer(&self, c: &MemoryConsumer) -> Arc<Consumer> {
@@ -191,7 +228,11 @@ impl GovernedMemoryPool {
         self.registry.get_or_insert(c.id(), || self.new_consumer(c))
     }
 
+    /// Called by the registry only when `c` is actually inserted.
     fn new_consumer(&self, c: &MemoryConsumer) -> Consumer {
+        if !c.can_spill() {
+            self.unspillable_consumers.fetch_add(1, Ordering::Relaxed);
+        }
         let token = self
             .engine_configured
             .then(|| self.governor.charge(ENGINE, 0));
@@ -238,14 +279,14 @@ impl GovernedMemoryPool {
 
     /// Grows `token` for an unspillable consumer that was denied: first the governor reclaims
     /// from engines that borrowed beyond their floors, then — if this pool's spillers hold
-    /// enough to matter — their fair shares shrink by `bytes` so that their next `try_grow`
-    /// is denied and they spill. Bounded by `reclaim_wait`; blocking is acceptable here
-    /// because DataFusion's `try_grow` is synchronous and the alternative is failing the query.
+    /// memory — their fair shares shrink by `bytes` so that their next `try_grow` is denied
+    /// and they spill. Bounded by `reclaim_wait`; blocking is acceptable here because
+    /// DataFusion's `try_grow` is synchronous and the alternative is failing the query.
     fn grow_unspillable_slow(
         &self,
         token: &mut ReservationToken,
         bytes: usize,
-        first: MemError,
+        first: &MemError,
     ) -> Result<(), MemError> {
         let deadline = Instant::now() + self.options.reclaim_wait;
         self.reclaim_requests.fetch_add(1, Ordering::Relaxed);
@@ -253,24 +294,29 @@ impl GovernedMemoryPool {
             .governor
             .reclaim_for_blocking(ENGINE, bytes, self.options.reclaim_wait);
         self.reclaimed.fetch_add(outcome.freed, Ordering::Relaxed);
-        let mut last = match token.try_grow(bytes) {
+        let last = match token.try_grow(bytes) {
             Ok(()) => return Ok(()),
             Err(e) => e,
         };
-
-        let spillable_held = self
-            .reserved
-            .load(Ordering::Relaxed)
-            .saturating_sub(self.unspillable.load(Ordering::Relaxed));
-        if spillable_held == 0
-            || !matches!(
-                first,
-                MemError::BudgetExhausted { .. } | MemError::GlobalCeilingExceeded { .. }
-            )
-        {
+        if self.spillable_reserved() == 0 || !first.is_denial() {
             return Err(last);
         }
         self.pending_unspillable.fetch_add(bytes, Ordering::Relaxed);
+        let result = self.wait_for_room(token, bytes, deadline, last);
+        self.pending_unspillable.fetch_sub(bytes, Ordering::Relaxed);
+        result
+    }
+
+    /// Retries `token.try_grow(bytes)` until `deadline` while counted as starving, which
+    /// makes every spiller above its fair share be denied (and so spill) on its next request.
+    fn wait_for_room(
+        &self,
+        token: &mut ReservationToken,
+        bytes: usize,
+        deadline: Instant,
+        mut last: MemError,
+    ) -> Result<(), MemError> {
+        self.starving.fetch_add(1, Ordering::Relaxed);
         let mut pause = Duration::from_micros(200);
         let result = loop {
             let now = Instant::now();
@@ -278,14 +324,52 @@ impl GovernedMemoryPool {
                 break Err(last);
             }
             std::thread::sleep(pause.min(deadline - now));
-            pause = (pause * 2).min(Duration::from_millis(10));
+            pause = (pause * 2).min(Duration::from_millis(5));
             match token.try_grow(bytes) {
                 Ok(()) => break Ok(()),
                 Err(e) => last = e,
             }
         };
-        self.pending_unspillable.fetch_sub(bytes, Ordering::Relaxed);
+        self.starving.fetch_sub(1, Ordering::Relaxed);
         result
+    }
+
+    /// The spillable half of `try_grow`; see the crate docs for the policy.
+    fn grow_spillable(
+        &self,
+        c: &Consumer,
+        token: &mut ReservationToken,
+        additional: usize,
+    ) -> Result<(), Denial> {
+        let held = c.reserved();
+        let s = self.spill_share(held);
+        if held + additional > s.share {
+            // Work-conserving: above its share a spiller may still use memory nobody is
+            // waiting for, but never the unspillable headroom, and never while another
+            // consumer is starving (then it must spill and give memory back).
+            let contended = self.starving.load(Ordering::Relaxed) > 0;
+            if contended || self.spillable_reserved() + additional > s.spillable_budget {
+                return Err(Denial::FairShare {
+                    share: s.share,
+                    active: s.active,
+                });
+            }
+        }
+        let first = match token.try_grow(additional) {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        // Within its share but the memory is held by spillers above theirs: wait briefly for
+        // them to spill (they are denied while we wait) instead of failing a consumer that
+        // may have nothing to spill yet, like a sort partition that just started.
+        let others_over = self.spillable_reserved().saturating_sub(held) > s.share * (s.active - 1);
+        if held + additional <= s.share && others_over && first.is_denial() {
+            let deadline = Instant::now() + self.options.reclaim_wait / 10;
+            return self
+                .wait_for_room(token, additional, deadline, first)
+                .map_err(Denial::Governor);
+        }
+        Err(Denial::Governor(first))
     }
 
     fn deny(&self, c: &Consumer, additional: usize, why: &Denial) -> DataFusionError {
@@ -324,10 +408,10 @@ impl GovernedMemoryPool {
                     m,
                     "its fair share is {} ({active} active spilling consumers share the Query budget after {} kept for unspillable ones)",
                     hs(*share),
-                    hs(self.unspillable.load(Ordering::Relaxed).max(
-                        (self.governor.limit(ENGINE) as f64 * self.options.unspillable_headroom)
-                            as usize
-                    )),
+                    hs(self
+                        .unspillable
+                        .load(Ordering::Relaxed)
+                        .max(self.headroom())),
                 );
             }
             Denial::Governor(e) => {
@@ -389,6 +473,9 @@ impl MemoryPool for GovernedMemoryPool {
 
     fn unregister(&self, consumer: &MemoryConsumer) {
         if let Some(c) = self.registry.remove(consumer.id()) {
+            if !c.can_spill {
+                self.unspillable_consumers.fetch_sub(1, Ordering::Relaxed);
+            }
             // DataFusion frees every reservation before the registration goes; if a caller
             // did not, give the bytes back here rather than leak them in the governor.
             let mut token = c.token.lock();
@@ -473,19 +560,14 @@ impl MemoryPool for GovernedMemoryPool {
         let Some(t) = token.as_mut() else {
             return Err(self.deny(&c, additional, &Denial::NotConfigured));
         };
-        let held = c.reserved();
         if c.can_spill {
-            let (share, active) = self.spill_share(held);
-            if held + additional > share {
-                return Err(self.deny(&c, additional, &Denial::FairShare { share, active }));
+            if let Err(why) = self.grow_spillable(&c, t, additional) {
+                return Err(self.deny(&c, additional, &why));
             }
-            if let Err(e) = t.try_grow(additional) {
-                return Err(self.deny(&c, additional, &Denial::Governor(e)));
-            }
-        } else if let Err(first) = t.try_grow(additional) {
-            if let Err(e) = self.grow_unspillable_slow(t, additional, first) {
-                return Err(self.deny(&c, additional, &Denial::Governor(e)));
-            }
+        } else if let Err(first) = t.try_grow(additional)
+            && let Err(e) = self.grow_unspillable_slow(t, additional, &first)
+        {
+            return Err(self.deny(&c, additional, &Denial::Governor(e)));
         }
         self.booked(&c, additional);
         Ok(())

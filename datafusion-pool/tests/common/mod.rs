@@ -24,7 +24,7 @@ use datafusion_pool::{GovernedMemoryPool, GovernorExt};
 use governor_core::{EngineBudget, EngineId, GovernorConfig, MemoryGovernor};
 
 /// The pools compared by the tests and the benchmark.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum PoolKind {
     /// DataFusion's `GreedyMemoryPool` in a `TrackConsumersPool`.
     Greedy,
@@ -53,9 +53,17 @@ pub fn make_pool(
 ) -> (Arc<dyn MemoryPool>, Option<Arc<MemoryGovernor>>) {
     let top = NonZeroUsize::new(5).unwrap();
     match (kind, limit) {
-        (PoolKind::Greedy | PoolKind::Fair, None) => (Arc::new(UnboundedMemoryPool::default()), None),
-        (PoolKind::Greedy, Some(l)) => (Arc::new(TrackConsumersPool::new(GreedyMemoryPool::new(l), top)), None),
-        (PoolKind::Fair, Some(l)) => (Arc::new(TrackConsumersPool::new(FairSpillPool::new(l), top)), None),
+        (PoolKind::Greedy | PoolKind::Fair, None) => {
+            (Arc::new(UnboundedMemoryPool::default()), None)
+        }
+        (PoolKind::Greedy, Some(l)) => (
+            Arc::new(TrackConsumersPool::new(GreedyMemoryPool::new(l), top)),
+            None,
+        ),
+        (PoolKind::Fair, Some(l)) => (
+            Arc::new(TrackConsumersPool::new(FairSpillPool::new(l), top)),
+            None,
+        ),
         (PoolKind::Governed, l) => {
             // "Unbounded" for the governed pool is a budget far above anything the data needs,
             // so the run measures the pool's overhead and not a different policy.
@@ -71,7 +79,10 @@ pub fn query_governor(query: usize, ceiling: usize) -> Arc<MemoryGovernor> {
     MemoryGovernor::new(
         GovernorConfig::builder()
             .global_ceiling(ceiling)
-            .engine(EngineId::Query, EngineBudget::new(query).with_floor(query / 4))
+            .engine(
+                EngineId::Query,
+                EngineBudget::new(query).with_floor(query / 4),
+            )
             .build()
             .expect("valid governor config"),
     )
@@ -80,7 +91,11 @@ pub fn query_governor(query: usize, ceiling: usize) -> Arc<MemoryGovernor> {
 
 /// A session on `pool` with `partitions` target partitions and a small sort reservation (the
 /// default 10 MiB per partition would not fit the tight limits the tests use).
-pub fn context(pool: Arc<dyn MemoryPool>, partitions: usize, sort_reservation: usize) -> SessionContext {
+pub fn context(
+    pool: Arc<dyn MemoryPool>,
+    partitions: usize,
+    sort_reservation: usize,
+) -> SessionContext {
     let config = SessionConfig::new()
         .with_target_partitions(partitions)
         .with_sort_spill_reservation_bytes(sort_reservation);
@@ -95,7 +110,11 @@ pub fn context(pool: Arc<dyn MemoryPool>, partitions: usize, sort_reservation: u
 #[derive(Debug)]
 pub enum Outcome {
     /// Finished: canonical rows, spills of all operators, wall time.
-    Done { rows: Vec<OwnedRow>, spills: usize, elapsed: Duration },
+    Done {
+        rows: Vec<OwnedRow>,
+        spills: usize,
+        elapsed: Duration,
+    },
     /// Failed with `ResourcesExhausted` somewhere in its error chain; the message.
     Exhausted(String),
     /// Failed otherwise.
@@ -142,13 +161,19 @@ pub async fn run(ctx: &SessionContext, sql: &str, timeout: Duration) -> Outcome 
 /// Spills of `plan` and all its children.
 pub fn spill_count(plan: &dyn ExecutionPlan) -> usize {
     plan.metrics().and_then(|m| m.spill_count()).unwrap_or(0)
-        + plan.children().into_iter().map(|c| spill_count(c.as_ref())).sum::<usize>()
+        + plan
+            .children()
+            .into_iter()
+            .map(|c| spill_count(c.as_ref()))
+            .sum::<usize>()
 }
 
 /// The rows of `batches` in a canonical order (sorted by their row-format bytes), so that two
 /// runs of one query compare equal exactly when they returned the same multiset of rows.
 pub fn canonical(batches: &[RecordBatch]) -> Vec<OwnedRow> {
-    let Some(first) = batches.first() else { return Vec::new() };
+    let Some(first) = batches.first() else {
+        return Vec::new();
+    };
     let fields = first
         .schema()
         .fields()
@@ -166,9 +191,48 @@ pub fn canonical(batches: &[RecordBatch]) -> Vec<OwnedRow> {
 }
 
 /// Asserts the pool and the governor hold nothing after a query.
-pub fn assert_books_balanced(pool: &GovernedMemoryPool, governor: &MemoryGovernor) {
-    assert_eq!(pool.stats().reserved, 0, "pool still holds memory: {:?}", pool.consumers());
+///
+/// A failed query's operator tasks are aborted when its stream is dropped, and tokio drops
+/// an aborted task (and the reservations it owns) asynchronously, so the books are given a
+/// few seconds to settle before they are judged.
+pub async fn assert_books_balanced(pool: &GovernedMemoryPool, governor: &MemoryGovernor) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (pool.stats().reserved != 0 || governor.reserved(EngineId::Query) != 0)
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        pool.stats().reserved,
+        0,
+        "pool still holds memory: {:?}",
+        pool.consumers()
+    );
     assert_eq!(pool.stats().overcommit, 0, "overcommit not paid back");
-    assert_eq!(governor.reserved(EngineId::Query), 0, "query engine still holds memory");
-    assert_eq!(governor.global_reserved(), 0, "governor books do not balance");
+    assert_eq!(
+        governor.reserved(EngineId::Query),
+        0,
+        "query engine still holds memory"
+    );
+    assert_eq!(
+        governor.global_reserved(),
+        0,
+        "governor books do not balance"
+    );
+}
+
+/// One line describing an outcome, for test logs and the benchmark.
+pub fn describe(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Done {
+            rows,
+            spills,
+            elapsed,
+        } => {
+            format!("done: {} rows, {spills} spills, {elapsed:.2?}", rows.len())
+        }
+        Outcome::Exhausted(m) => format!("exhausted: {m}"),
+        Outcome::Failed(m) => format!("failed: {m}"),
+        Outcome::TimedOut => "timed out".to_owned(),
+    }
 }

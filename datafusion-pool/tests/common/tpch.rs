@@ -21,7 +21,10 @@ const QUERIES: &str = include_str!("../../tpch/queries.sql");
 pub fn queries() -> Vec<(usize, String)> {
     let mut out: Vec<(usize, String)> = Vec::new();
     for line in QUERIES.lines() {
-        if let Some(n) = line.strip_prefix("-- Q").and_then(|n| n.trim().parse().ok()) {
+        if let Some(n) = line
+            .strip_prefix("-- Q")
+            .and_then(|n| n.trim().parse().ok())
+        {
             out.push((n, String::new()));
         } else if let Some((_, sql)) = out.last_mut()
             && !line.starts_with("--")

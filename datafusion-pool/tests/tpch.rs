@@ -1,0 +1,110 @@
+//! TPC-H (all 22 queries, data generated in process) under a tight limit with DataFusion's
+//! `GreedyMemoryPool` and `FairSpillPool` (both in a `TrackConsumersPool`) and the governed
+//! pool. Every completed query must return exactly the unbounded run's rows; the governed
+//! pool must complete at least as many queries as the better built-in pool and leave the
+//! governor's books balanced.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::{Outcome, PoolKind, context, describe, make_pool, run, tpch};
+use datafusion::arrow::row::OwnedRow;
+use datafusion::execution::memory_pool::UnboundedMemoryPool;
+use governor_core::EngineId;
+
+/// Small enough for a debug build on two cores; the limits below are scaled to it.
+const SF: f64 = 0.01;
+const PARTITIONS: usize = 2;
+/// Sort merge reservation per partition, scaled down with the data like the limits.
+const SORT_RESERVATION: usize = 256 * 1024;
+const TIMEOUT: Duration = Duration::from_secs(60);
+/// Tight for SF 0.01 (about 10 MiB of data): several queries must spill or fail.
+const LIMITS: [usize; 2] = [3 * 1024 * 1024, 1536 * 1024];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tpch_governed_completes_at_least_as_many_queries_as_builtin_pools() {
+    let tables = tpch::generate(SF, PARTITIONS as i32);
+    let queries = tpch::queries();
+
+    let ctx = context(
+        std::sync::Arc::new(UnboundedMemoryPool::default()),
+        PARTITIONS,
+        SORT_RESERVATION,
+    );
+    tpch::register(&ctx, &tables);
+    let mut expected: BTreeMap<usize, Vec<OwnedRow>> = BTreeMap::new();
+    for (n, sql) in &queries {
+        match run(&ctx, sql, TIMEOUT).await {
+            Outcome::Done { rows, .. } => {
+                expected.insert(*n, rows);
+            }
+            other => panic!("Q{n} failed without a limit: {}", describe(&other)),
+        }
+    }
+
+    for limit in LIMITS {
+        let mut completed = BTreeMap::new();
+        for kind in PoolKind::ALL {
+            let (pool, governor) = make_pool(kind, Some(limit));
+            let ctx = context(pool, PARTITIONS, SORT_RESERVATION);
+            tpch::register(&ctx, &tables);
+            let mut done = 0;
+            let mut report = Vec::new();
+            for (n, sql) in &queries {
+                let outcome = run(&ctx, sql, TIMEOUT).await;
+                match &outcome {
+                    Outcome::Done { rows, .. } => {
+                        assert!(
+                            rows == &expected[n],
+                            "Q{n} with {} at {limit} B: wrong rows",
+                            kind.name()
+                        );
+                        done += 1;
+                    }
+                    Outcome::Exhausted(m) => {
+                        assert!(
+                            m.contains("consumed") || m.contains("Top consumers"),
+                            "Q{n}: {m}"
+                        );
+                        report.push(format!("Q{n}"));
+                    }
+                    other => panic!(
+                        "Q{n} with {} at {limit} B: {}",
+                        kind.name(),
+                        describe(other)
+                    ),
+                }
+                if let Some(g) = &governor {
+                    // The next query starts from an empty Query engine; give aborted tasks of
+                    // a failed query a moment to drop their reservations.
+                    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                    while g.reserved(EngineId::Query) != 0 && std::time::Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    assert_eq!(
+                        g.reserved(EngineId::Query),
+                        0,
+                        "Q{n}: Query engine holds memory after the query"
+                    );
+                    assert!(
+                        g.snapshot().engine(EngineId::Query).unwrap().peak <= limit,
+                        "Q{n}: limit exceeded"
+                    );
+                }
+            }
+            eprintln!(
+                "limit {limit} B, {}: {done}/22 completed; exhausted: {report:?}",
+                kind.name()
+            );
+            completed.insert(kind, done);
+        }
+        let best_builtin = completed[&PoolKind::Greedy].max(completed[&PoolKind::Fair]);
+        assert!(
+            completed[&PoolKind::Governed] >= best_builtin,
+            "at {limit} B the governed pool completed {} queries, a built-in pool {best_builtin}",
+            completed[&PoolKind::Governed]
+        );
+    }
+}
