@@ -37,17 +37,18 @@
 //! memory; after a drop to a constant `u`, `s − u ≤ max(d, (1 − r)^k · (s₀ − u))` after `k`
 //! ticks, so it converges to within the dead band in `⌈ln(d / gap) / ln(1 − r)⌉` ticks.
 //!
-//! **No oscillation.** The law is monotone: for a rising input the output rises, for a falling
-//! input it falls, and it never overshoots the input (attack lands exactly on `u`, release
-//! stops at `u`). So the output can change direction only when the input does — noise
-//! smaller than the dead band changes nothing at all — and there is no gain above 1 anywhere
-//! for a loop to amplify. The one loop that could feed itself is reclaim: freed reservations
+//! **No oscillation.** The law is monotone: for a rising input the output never falls, for a
+//! falling input it never rises, and it never overshoots the input (attack lands exactly on
+//! `u`, release stops at `u`). So the output can change direction only when the input does —
+//! noise smaller than the dead band changes nothing at all — and there is no gain above 1
+//! anywhere for a loop to amplify. The one loop that could feed itself is reclaim: freed reservations
 //! lower `T` at once while jemalloc keeps the pages resident for a while, which looks like
 //! *more* untracked memory. It is cut three ways: dirty pages are purged before and after
 //! a reclaim (and only the drop in RSS a purge caused is credited back at once, see
-//! [`UntrackedFilter::credit`]), a reclaim asks only for the excess over the Critical threshold (a hysteresis
-//! band below Emergency), and reclaims are separated by a cool-down. The unit tests drive the
-//! law over a synthetic ramp and a closed-loop simulation, without threads.
+//! [`UntrackedFilter::credit`]); a reclaim asks only for the excess over the Critical
+//! threshold (a hysteresis band below Emergency); and reclaims are separated by a cool-down.
+//! The unit tests drive the law over a synthetic ramp and a closed-loop simulation, without
+//! threads.
 
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;

@@ -24,15 +24,16 @@ fn touched_buffers(count: usize, size: usize) -> Vec<Vec<u8>> {
 fn jemalloc_serves_this_test_binary() {
     assert!(jemalloc_is_global_allocator());
     let before = SystemMemoryStats::query().unwrap();
-    let held = black_box(touched_buffers(8, mib(4)));
+    let held = black_box(touched_buffers(24, mib(4)));
     let after = SystemMemoryStats::query().unwrap();
-    // Other tests of this binary allocate concurrently, so only a lower bound is exact.
+    // Other tests of this binary allocate and free concurrently (about 25 MiB in all), so
+    // only a margin below the 96 MiB held here is certain.
     let grown = after.allocated().unwrap().bytes as i64 - before.allocated().unwrap().bytes as i64;
     assert!(
-        grown >= (mib(32) - mib(8)) as i64,
+        grown >= mib(64) as i64,
         "jemalloc allocated grew by {grown}"
     );
-    assert!(after.resident().unwrap().bytes >= mib(32), "{after}");
+    assert!(after.resident().unwrap().bytes >= mib(96), "{after}");
     drop(held);
 }
 
