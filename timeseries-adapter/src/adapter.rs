@@ -396,10 +396,10 @@ impl TimeseriesAdapter {
                         }
                         continue;
                     }
-                    match gov
-                        .reserve(ENGINE, bytes.max(inner.cfg.chunk), remaining)
-                        .await
-                    {
+                    // A whole chunk if it can be had, never more than the limit (a request the
+                    // limit can never satisfy would only be refused).
+                    let ask = bytes.max(inner.cfg.chunk).min(gov.limit(ENGINE)).max(bytes);
+                    match gov.reserve(ENGINE, ask, remaining).await {
                         Ok(token) => {
                             inner.mem.lock().absorb(token);
                             absorbed = true;

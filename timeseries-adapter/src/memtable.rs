@@ -538,3 +538,110 @@ pub(crate) struct Snapshot {
     pub frozen: Vec<Arc<SegmentBatch>>,
     pub segments: Vec<Arc<SegmentMeta>>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use governor_core::{EngineBudget, GovernorConfig, mib};
+
+    fn gov(limit: usize) -> Arc<MemoryGovernor> {
+        MemoryGovernor::new(
+            GovernorConfig::builder()
+                .global_ceiling(mib(64))
+                .engine(EngineId::Timeseries, EngineBudget::new(limit))
+                .build()
+                .unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn points(n: usize, start: i64) -> Vec<Point> {
+        (0..n as i64)
+            .map(|i| Point::new(start + i * 10, (i * 7919 % 1000) as f64 / 3.0))
+            .collect()
+    }
+
+    #[test]
+    fn freezes_largest_then_oldest_and_releases_only_when_published() {
+        let g = gov(mib(8));
+        let mut m = Memtable::new(Arc::clone(&g), 4096);
+        // Series 1 and 2 equal and small (1 older), series 3 large.
+        for (s, n) in [(1, 50), (2, 50), (3, 2000)] {
+            let (k, stop) = m.append(SeriesId(s), &points(n, 0), true);
+            assert_eq!(k, n);
+            assert!(matches!(stop, AppendStop::Done));
+        }
+        let b = m.freeze(1, 1).unwrap();
+        assert_eq!(
+            b.blocks.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            [SeriesId(3)]
+        );
+        let large = b.blocks[0].1.heap_bytes();
+        let b2_ids = {
+            // The pending batch stays accounted until published.
+            assert!(m.used() > large);
+            let reserved_before = m.reserved();
+            let meta = SegmentMeta {
+                id: 1,
+                path: "/x/1.seg".into(),
+                series_count: 1,
+                point_count: 2000,
+                min_ts: 0,
+                max_ts: 20_000,
+                file_len: 100,
+            };
+            let p = m.publish(1, meta);
+            assert!(p.released > 0 && m.reserved() < reserved_before);
+            assert!(m.reserved() <= m.used() + 4096);
+            let small = m.freeze(1, 2).unwrap();
+            small.blocks.iter().map(|(s, _)| *s).collect::<Vec<_>>()
+        };
+        // Equal sizes: the older series goes first.
+        assert_eq!(b2_ids, [SeriesId(1)]);
+        assert_eq!(g.reserved(EngineId::Timeseries), m.reserved());
+    }
+
+    #[test]
+    fn a_full_budget_stops_the_append_with_the_missing_bytes() {
+        let g = gov(16 * 1024);
+        let mut m = Memtable::new(Arc::clone(&g), 4096);
+        let pts: Vec<Point> = (0..100_000i64)
+            .map(|i| {
+                Point::new(
+                    i,
+                    f64::from_bits((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+                )
+            })
+            .collect();
+        let (n, stop) = m.append(SeriesId(1), &pts, true);
+        assert!(n > 0 && n < pts.len());
+        assert!(
+            matches!(stop, AppendStop::NeedMemory { bytes, cause: Some(_) } if bytes > 0),
+            "{stop:?}"
+        );
+        assert!(g.reserved(EngineId::Timeseries) <= 16 * 1024);
+        assert!(m.used() <= m.reserved());
+        // With growth forbidden (Critical), only existing headroom is used.
+        let (_, stop) = m.append(SeriesId(2), &pts, false);
+        assert!(matches!(stop, AppendStop::NeedMemory { cause: None, .. }));
+        let got: Vec<Point> = m
+            .snapshot(SeriesId(1), &(i64::MIN..=i64::MAX))
+            .unwrap()
+            .points;
+        assert_eq!(got.len(), n);
+    }
+
+    #[test]
+    fn budget_release_never_gives_back_more_than_asked() {
+        let g = gov(mib(1));
+        let mut b = Budget::default();
+        b.try_grow(&g, 1000).unwrap();
+        b.absorb(g.try_reserve(EngineId::Timeseries, 500).unwrap());
+        assert_eq!(b.size(), 1500);
+        assert_eq!(b.release(700), 700);
+        assert_eq!(b.size(), 800);
+        assert_eq!(b.release(5000), 800);
+        assert_eq!(b.size(), 0);
+        assert_eq!(g.reserved(EngineId::Timeseries), 0);
+    }
+}

@@ -300,3 +300,80 @@ async fn warning_pressure_schedules_a_flush_without_being_asked() {
         assert_bit_eq(SeriesId(s2), &got, &series_points(s2, 5_000));
     }
 }
+
+/// A flusher whose writes take a while (a slow or rate-capped disk).
+struct SlowFlusher {
+    inner: FileSegmentFlusher,
+    delay: Duration,
+}
+
+#[async_trait::async_trait]
+impl timeseries_adapter::SegmentFlusher for SlowFlusher {
+    async fn write_segment(
+        &self,
+        batch: Arc<timeseries_adapter::SegmentBatch>,
+    ) -> Result<timeseries_adapter::SegmentMeta, timeseries_adapter::FlushError> {
+        tokio::time::sleep(self.delay).await;
+        self.inner.write_segment(batch).await
+    }
+    async fn read_block(
+        &self,
+        segment: &timeseries_adapter::SegmentMeta,
+        series: SeriesId,
+    ) -> Result<Option<timeseries_adapter::gorilla::Block>, SegmentError> {
+        self.inner.read_block(segment, series).await
+    }
+    async fn recover(&self) -> Result<timeseries_adapter::Recovery, SegmentError> {
+        self.inner.recover().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reclaim_that_times_out_does_not_abandon_its_flush() {
+    let config = GovernorConfig::builder()
+        .global_ceiling(mib(16))
+        .engine(EngineId::Timeseries, EngineBudget::new(mib(12)))
+        .engine(
+            EngineId::Query,
+            EngineBudget::new(mib(12)).with_floor(mib(8)),
+        )
+        .reclaim_timeout(Duration::from_millis(30))
+        .build()
+        .unwrap();
+    let gov = MemoryGovernor::new(config).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ts = TimeseriesAdapter::builder(Arc::clone(&gov))
+        .flusher(Arc::new(SlowFlusher {
+            inner: FileSegmentFlusher::new(dir.path()).unwrap(),
+            delay: Duration::from_millis(300),
+        }))
+        .open()
+        .await
+        .unwrap();
+    let data: Vec<Vec<Point>> = (0..4).map(|s| series_points(s, 20_000)).collect();
+    for (s, pts) in data.iter().enumerate() {
+        ts.append(SeriesId(s as u64), pts).await.unwrap();
+    }
+    let before = ts.memory().used;
+    // The governor gives up on the reclaim after 30 ms; the flush it started goes on.
+    let _ = gov.reclaim_for(EngineId::Query, mib(1)).await;
+    wait_until(
+        "the abandoned flush to finish",
+        Duration::from_secs(5),
+        || ts.stats().flushes >= 1,
+    )
+    .await;
+    assert!(ts.memory().used < before);
+    for (s, pts) in data.iter().enumerate() {
+        let got = ts
+            .query(SeriesId(s as u64), i64::MIN..=i64::MAX)
+            .await
+            .unwrap();
+        assert_bit_eq(SeriesId(s as u64), &got, pts);
+    }
+    let leftovers = fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension().unwrap() == "tmp")
+        .count();
+    assert_eq!(leftovers, 0);
+}
