@@ -294,10 +294,12 @@ pub(crate) fn load_graph(
 ) -> Result<(GraphCell, LayoutModel), HnswError> {
     let id = manifest.segment()?;
     let params = manifest.params();
+    // `hnswio` rebuilds the layer generator with all 16 layers whatever the dump's setting,
+    // so inserts into a reloaded graph are bounded over 16 levels.
     let model = LayoutModel::new_loaded(
         params.dim,
         params.max_connections,
-        params.max_layer,
+        NB_LAYER_MAX,
         manifest.layer_array(),
     );
     let Some((graph_path, data_path)) = manifest.files(dir) else {
