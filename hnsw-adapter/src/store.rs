@@ -152,8 +152,18 @@ pub(crate) fn scan(dir: &Path) -> Result<Vec<SegmentManifest>, HnswError> {
 
 fn read_manifest(path: &Path) -> Result<SegmentManifest, HnswError> {
     let text = fs::read_to_string(path).map_err(|e| HnswError::io(path, e))?;
+    // Name the segment from the file name (`collection.shard.manifest.json`) when the
+    // content cannot be trusted to.
+    let from_name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_suffix(MANIFEST_SUFFIX))
+        .and_then(|stem| stem.rsplit_once('.'))
+        .and_then(|(c, shard)| SegmentId::new(c, shard.parse().ok()?).ok());
     let corrupt = |reason: String| HnswError::Corrupt {
-        segment: SegmentId::new("unknown", 0).expect("valid literal id"),
+        segment: from_name
+            .clone()
+            .unwrap_or_else(|| SegmentId::new("unnamed", 0).expect("valid literal id")),
         path: path.to_owned(),
         reason,
     };

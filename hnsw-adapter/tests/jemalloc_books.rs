@@ -151,4 +151,47 @@ fn books_match_jemalloc() {
         "cache {grew} B vs books {booked} B"
     );
     assert_eq!(cache.stats().resident_bytes, gov.reserved(EngineId::Vector));
+    drop(cache);
+    assert_eq!(gov.reserved(EngineId::Vector), 0);
+
+    // 5. A stream of searches under a 40 % budget: after every query, what jemalloc holds
+    //    for the cache matches the books, while loads and evictions churn underneath.
+    let manifests: Vec<hnsw_adapter::SegmentManifest> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(".manifest.json"))
+        .map(|p| serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap())
+        .collect();
+    let total: usize = manifests
+        .iter()
+        .map(hnsw_adapter::SegmentManifest::resident_bytes)
+        .sum();
+    let biggest_load = manifests
+        .iter()
+        .map(hnsw_adapter::SegmentManifest::load_bytes)
+        .max()
+        .unwrap();
+    // 40 % of the index, or just enough for the 3000-point segment's load peak.
+    let limit = (total * 40 / 100).max(biggest_load + biggest_load / 4);
+    let gov = governor(limit, mib(1024));
+    let a3 = allocated();
+    let cache = HnswCache::builder(gov.clone(), dir.path()).build().unwrap();
+    let mut worst = 0f64;
+    for q in vectors(12, 31) {
+        cache.search_all(&q, 10, 32).unwrap();
+        let held = allocated().saturating_sub(a3);
+        let books = gov.reserved(EngineId::Vector);
+        assert!(books <= limit);
+        assert!(
+            held.abs_diff(books) <= books / 10 + SLACK,
+            "after a query: jemalloc {held} B, books {books} B"
+        );
+        worst = worst.max(held.abs_diff(books) as f64 / books as f64);
+    }
+    println!(
+        "40% budget stream: {} loads, {} evictions, worst |jemalloc - books| / books = {worst:.3}",
+        cache.stats().loads,
+        cache.stats().evictions
+    );
+    assert!(cache.stats().evictions > 0);
 }
