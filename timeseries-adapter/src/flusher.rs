@@ -228,6 +228,9 @@ fn recover_dir(dir: &Path) -> Result<Recovery, SegmentError> {
             }
             Some(SEGMENT_EXT) => match segment::verify_segment(&path) {
                 Ok(meta) => rec.segments.push(meta),
+                // A file we cannot read right now (permissions, I/O) is not known to be
+                // corrupt: fail the start-up loudly rather than quarantine good data.
+                Err(err @ SegmentError::Io { .. }) => return Err(err),
                 Err(err) => {
                     tracing::error!(path = %path.display(), error = %err,
                         "segment failed verification; quarantined, NOT used");

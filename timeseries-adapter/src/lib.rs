@@ -33,7 +33,7 @@
 //!   (delta-of-delta timestamps, XOR'd floats; Pelkonen et al., VLDB 2015), bit-exact for
 //!   every `f64` including NaN payloads and `-0.0`. Regular series cost about two bits a
 //!   point.
-//! * **Accounting** ([`memtable`](MemtableMemory)): the memtable's reserved bytes cover its
+//! * **Accounting** ([`MemtableMemory`]): the memtable's reserved bytes cover its
 //!   real heap (block capacities, the exact hash-index allocation, frozen batches), reserved
 //!   *before* each allocation, taken from the governor a chunk at a time so the governor is
 //!   not on the per-point path.
