@@ -337,3 +337,60 @@ fn concurrent_searches_and_inserts_stay_within_limit() {
             .is_empty()
     );
 }
+
+#[test]
+fn pressure_policy_sheds_in_proportion_and_keeps_headroom() {
+    let dir = tempfile::tempdir().unwrap();
+    let gov = governor(mib(64), mib(256));
+    let cache = HnswCache::builder(gov.clone(), dir.path())
+        .params(params(400))
+        .build()
+        .unwrap();
+    populate(&cache, 8, 400);
+    cache.pin(&seg(0)).unwrap();
+    let s = cache.stats();
+    let unpinned = s.resident_bytes - s.pinned_bytes;
+
+    // Warning: about a quarter of the cold bytes (whole segments, so at least that much).
+    let freed = cache.shed_for_pressure(PressureLevel::Warning, PressureLevel::Normal);
+    assert!(
+        freed >= unpinned / 4 && freed < unpinned / 2,
+        "warning shed {freed} of {unpinned}"
+    );
+    assert!(cache.is_resident(&seg(0)));
+    // Normal: nothing.
+    assert_eq!(
+        cache.shed_for_pressure(PressureLevel::Normal, PressureLevel::Normal),
+        0
+    );
+    // Critical: three quarters of what is left, pinned untouched.
+    let s = cache.stats();
+    let left = s.resident_bytes - s.pinned_bytes;
+    let freed = cache.shed_for_pressure(PressureLevel::Critical, PressureLevel::Normal);
+    assert!(freed >= left * 3 / 4, "critical shed {freed} of {left}");
+    assert!(cache.is_resident(&seg(0)));
+
+    // The Vector engine itself near its limit (the cache plus another Vector consumer):
+    // shed cold segments until 10 % of the limit is free again.
+    let limit = mib(16);
+    let gov = governor(limit, mib(256));
+    let cache = HnswCache::builder(gov.clone(), dir.path()).build().unwrap();
+    for i in 0..8 {
+        cache.search(&seg(i), &vectors(1, 2)[0], 1, 8).unwrap();
+    }
+    let cached = gov.reserved(EngineId::Vector);
+    assert!(
+        cached < limit * 8 / 10,
+        "fixture: the cache alone is not near the limit"
+    );
+    let _other = gov
+        .try_reserve(EngineId::Vector, limit * 96 / 100 - cached)
+        .unwrap();
+    let freed = cache.shed_for_pressure(PressureLevel::Normal, PressureLevel::Emergency);
+    assert!(freed > 0);
+    assert!(gov.reserved(EngineId::Vector) <= limit * 9 / 10);
+    assert!(
+        cache.stats().resident_segments > 0,
+        "only what the headroom needs was shed"
+    );
+}
