@@ -99,7 +99,10 @@ fn child(a: &Args, pool: PoolKind, limit: Option<usize>) {
                 }
                 ("ok", elapsed.as_millis(), h.finish())
             }
-            Outcome::Exhausted(_) => ("oom", 0, 0),
+            Outcome::Exhausted(m) => {
+                eprintln!("Q{n} out of memory: {m}");
+                ("oom", 0, 0)
+            }
             Outcome::Failed(m) => {
                 eprintln!("Q{n} failed: {m}");
                 ("err", 0, 0)

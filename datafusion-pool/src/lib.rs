@@ -47,8 +47,9 @@
 //!   not wasted). When a consumer is *starving* — an unspillable one denied, or a spiller
 //!   denied while within its share — every spiller above its share is denied on its next
 //!   request, which makes it spill, and the starving one waits (bounded) for that memory.
-//!   So the second sort partition no longer fails with nothing to spill, the way
-//!   `GreedyMemoryPool` lets it.
+//!   A consumer that holds nothing is never refused by the policy (it would have nothing to
+//!   spill and its query would fail), only by the governor's hard limits. So the second sort
+//!   partition no longer fails with nothing to spill, the way `GreedyMemoryPool` lets it.
 //! * **Headroom for those who cannot spill.** While any unspillable consumer is registered,
 //!   spillers never take the last
 //!   [`unspillable_headroom`](GovernedPoolBuilder::unspillable_headroom) of the budget

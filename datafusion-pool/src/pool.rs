@@ -343,7 +343,11 @@ impl GovernedMemoryPool {
     ) -> Result<(), Denial> {
         let held = c.reserved();
         let s = self.spill_share(held);
-        if held + additional > s.share {
+        // A consumer holding nothing has nothing to spill: a denial would fail its query (an
+        // empty sort partition, a partial aggregate that has not started). So the policy never
+        // refuses it; only the governor's hard limits can, and then it waits as below.
+        let entitled = held == 0 || held + additional <= s.share;
+        if !entitled {
             // Work-conserving: above its share a spiller may still use memory nobody is
             // waiting for, but never the unspillable headroom, and never while another
             // consumer is starving (then it must spill and give memory back).
@@ -359,11 +363,11 @@ impl GovernedMemoryPool {
             Ok(()) => return Ok(()),
             Err(e) => e,
         };
-        // Within its share but the memory is held by spillers above theirs: wait briefly for
+        // Entitled, but the memory is held by spillers above their shares: wait briefly for
         // them to spill (they are denied while we wait) instead of failing a consumer that
         // may have nothing to spill yet, like a sort partition that just started.
         let others_over = self.spillable_reserved().saturating_sub(held) > s.share * (s.active - 1);
-        if held + additional <= s.share && others_over && first.is_denial() {
+        if entitled && others_over && first.is_denial() {
             let deadline = Instant::now() + self.options.reclaim_wait / 10;
             return self
                 .wait_for_room(token, additional, deadline, first)

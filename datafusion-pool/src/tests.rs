@@ -155,8 +155,9 @@ fn headroom_is_kept_for_unspillable_consumers() {
     // hash join is registered, a greedy sort may no longer take the last quarter.
     let build = unspillable(&d, "HashJoinInput[0]");
     let sort = spiller(&d, "ExternalSorter[0]");
-    exhausted(sort.try_grow(kib(76)));
-    sort.try_grow(kib(75)).unwrap();
+    sort.try_grow(kib(50)).unwrap();
+    exhausted(sort.try_grow(kib(26)));
+    sort.try_grow(kib(25)).unwrap();
     // The late build side still finds its room.
     build.try_grow(kib(25)).unwrap();
     assert_eq!(p.stats().unspillable, kib(25));
