@@ -1,5 +1,6 @@
 //! The main evidence: a million points across many series, ingested under a
-//! Timeseries budget of about 5 % of their raw size while a fifth of the flushes fail; every
+//! Timeseries budget of about 5 % of their raw size while a fifth of the flushes fail (plus
+//! one 300 ms outage that throttles ingest, whose writers retry what was refused); every
 //! point reads back bit-exactly (before the final flush, after it, and after a restart), and
 //! the Timeseries reservation never exceeds its limit (sampled by a thread).
 
@@ -34,7 +35,7 @@ async fn million_points_under_five_percent_budget_with_failing_flushes() {
         TimeseriesAdapter::builder(Arc::clone(&gov))
             .flusher(flaky.clone())
             .reservation_chunk(16 * 1024)
-            .ingest_wait(Duration::from_secs(5))
+            .ingest_wait(Duration::from_millis(50))
             .retry_backoff(Duration::from_millis(2), Duration::from_millis(50))
             .open()
             .await
@@ -92,9 +93,24 @@ async fn million_points_under_five_percent_budget_with_failing_flushes() {
             }
         }));
     }
+    // Besides the random failures, one 300 ms disk outage a third of the way in: the memtable
+    // fills, appends wait their 50 ms and come back throttled, and the writers retry exactly
+    // the points they were told were not stored.
+    let outage = {
+        let (ts, flaky) = (Arc::clone(&ts), Arc::clone(&flaky));
+        tokio::spawn(async move {
+            while ts.stats().points_ingested < total_points as u64 / 3 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            flaky.always_fail.store(true, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            flaky.always_fail.store(false, Ordering::Relaxed);
+        })
+    };
     for w in writers {
         w.await.unwrap();
     }
+    outage.await.unwrap();
     let ingest_time = started.elapsed();
 
     // Every point readable before the final flush: memtable + pending batch + segments.
