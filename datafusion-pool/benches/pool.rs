@@ -38,10 +38,10 @@ fn pools() -> Vec<(&'static str, Arc<dyn MemoryPool>)> {
 }
 
 fn threads() -> Vec<usize> {
-    std::env::var("POOL_BENCH_THREADS")
-        .ok()
-        .map(|v| v.split(',').filter_map(|t| t.trim().parse().ok()).collect())
-        .unwrap_or_else(|| vec![1, 4])
+    std::env::var("POOL_BENCH_THREADS").ok().map_or_else(
+        || vec![1, 4],
+        |v| v.split(',').filter_map(|t| t.trim().parse().ok()).collect(),
+    )
 }
 
 fn bench(c: &mut Criterion) {

@@ -34,12 +34,15 @@ fn parse_size(s: &str) -> Result<usize, String> {
     SessionContext::parse_capacity_limit("limit", s).map_err(|e| e.to_string())
 }
 
-fn args() -> Result<(Args, Option<(PoolKind, Option<usize>)>), String> {
+/// `--child POOL LIMIT`: run one configuration in this process.
+type Child = Option<(PoolKind, Option<usize>)>;
+
+fn args() -> Result<(Args, Child), String> {
     let mut a = Args {
         sf: 1.0,
         limits: Vec::new(),
         partitions: 4,
-        timeout: Duration::from_secs(300),
+        timeout: Duration::from_mins(5),
     };
     let mut limits = "1G,256M,64M".to_owned();
     let mut child = None;
@@ -50,11 +53,11 @@ fn args() -> Result<(Args, Option<(PoolKind, Option<usize>)>), String> {
             "--sf" => a.sf = value()?.parse().map_err(|e| format!("--sf: {e}"))?,
             "--limits" => limits = value()?,
             "--partitions" => {
-                a.partitions = value()?.parse().map_err(|e| format!("--partitions: {e}"))?
+                a.partitions = value()?.parse().map_err(|e| format!("--partitions: {e}"))?;
             }
             "--timeout" => {
                 a.timeout =
-                    Duration::from_secs(value()?.parse().map_err(|e| format!("--timeout: {e}"))?)
+                    Duration::from_secs(value()?.parse().map_err(|e| format!("--timeout: {e}"))?);
             }
             "--child" => {
                 let pool = match value()?.as_str() {
@@ -233,7 +236,7 @@ fn main() {
             println!(
                 "| {label} | {pool_name} | {completed}/22 | {wrong} | {:.3} | {:.0} MiB | {} |",
                 t as f64 / tb.max(1) as f64,
-                r.peak_rss as f64 / 1048576.0,
+                r.peak_rss as f64 / 1_048_576.0,
                 if failed.is_empty() {
                     "-".to_owned()
                 } else {

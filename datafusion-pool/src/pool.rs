@@ -96,7 +96,7 @@ pub struct PoolStats {
 
 /// A spiller's fair share and what it was computed from.
 struct Share {
-    share: usize,
+    per_consumer: usize,
     active: usize,
     spillable_budget: usize,
 }
@@ -196,7 +196,7 @@ impl GovernedMemoryPool {
             + usize::from(consumer_reserved == 0))
         .max(1);
         Share {
-            share: spillable_budget / active,
+            per_consumer: spillable_budget / active,
             active,
             spillable_budget,
         }
@@ -346,7 +346,7 @@ impl GovernedMemoryPool {
         // A consumer holding nothing has nothing to spill: a denial would fail its query (an
         // empty sort partition, a partial aggregate that has not started). So the policy never
         // refuses it; only the governor's hard limits can, and then it waits as below.
-        let entitled = held == 0 || held + additional <= s.share;
+        let entitled = held == 0 || held + additional <= s.per_consumer;
         if !entitled {
             // Work-conserving: above its share a spiller may still use memory nobody is
             // waiting for, but never the unspillable headroom, and never while another
@@ -354,7 +354,7 @@ impl GovernedMemoryPool {
             let contended = self.starving.load(Ordering::Relaxed) > 0;
             if contended || self.spillable_reserved() + additional > s.spillable_budget {
                 return Err(Denial::FairShare {
-                    share: s.share,
+                    share: s.per_consumer,
                     active: s.active,
                 });
             }
@@ -366,7 +366,8 @@ impl GovernedMemoryPool {
         // Entitled, but the memory is held by spillers above their shares: wait briefly for
         // them to spill (they are denied while we wait) instead of failing a consumer that
         // may have nothing to spill yet, like a sort partition that just started.
-        let others_over = self.spillable_reserved().saturating_sub(held) > s.share * (s.active - 1);
+        let others_over =
+            self.spillable_reserved().saturating_sub(held) > s.per_consumer * (s.active - 1);
         if entitled && others_over && first.is_denial() {
             let deadline = Instant::now() + self.options.reclaim_wait / 10;
             return self
@@ -467,7 +468,7 @@ impl GovernedMemoryPool {
 }
 
 impl MemoryPool for GovernedMemoryPool {
-    fn name(&self) -> &str {
+    fn name(&self) -> &'static str {
         "governed"
     }
 

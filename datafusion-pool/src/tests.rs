@@ -1,6 +1,10 @@
 //! Policy tests without SQL: reservations made by hand against small budgets, so every number
 //! the policy computes can be checked exactly.
 
+// g = governor, p/d = pool and its `dyn` view, a/b = consumers: short names keep the
+// scenarios readable.
+#![allow(clippy::many_single_char_names)]
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
@@ -444,7 +448,7 @@ fn builder_rejects_bad_knobs_by_name() {
             "unspillable_headroom",
         ),
         (
-            GovernedMemoryPool::builder(&g).reclaim_wait(Duration::from_secs(60)),
+            GovernedMemoryPool::builder(&g).reclaim_wait(Duration::from_mins(1)),
             "reclaim_wait",
         ),
         (

@@ -35,7 +35,7 @@ const BATCH: i64 = 8192;
 /// Sort merge reservation per partition; DataFusion's default (10 MiB) alone would exceed
 /// the budgets used here.
 const SORT_RESERVATION: usize = 256 * 1024;
-const TIMEOUT: Duration = Duration::from_secs(120);
+const TIMEOUT: Duration = Duration::from_mins(2);
 
 fn schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
@@ -53,7 +53,7 @@ fn batches(salt: i64) -> &'static [Vec<RecordBatch>] {
     let make = || {
         let mut parts = vec![Vec::new(); PARTITIONS];
         let mut start = 0;
-        let mut i = 0;
+        let mut batch_no = 0;
         while start < ROWS {
             let end = (start + BATCH).min(ROWS);
             let k: Vec<i64> = (start..end).collect();
@@ -63,7 +63,7 @@ fn batches(salt: i64) -> &'static [Vec<RecordBatch>] {
                 .iter()
                 .map(|v| format!("payload-{v:010}-{salt}"))
                 .collect();
-            parts[i % PARTITIONS].push(
+            parts[batch_no % PARTITIONS].push(
                 RecordBatch::try_new(
                     schema(),
                     vec![
@@ -76,7 +76,7 @@ fn batches(salt: i64) -> &'static [Vec<RecordBatch>] {
                 .unwrap(),
             );
             start = end;
-            i += 1;
+            batch_no += 1;
         }
         parts
     };

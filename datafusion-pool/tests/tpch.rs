@@ -14,14 +14,15 @@ use datafusion::arrow::row::OwnedRow;
 use datafusion::execution::memory_pool::UnboundedMemoryPool;
 use governor_core::EngineId;
 
-/// Small enough for a debug build on two cores; the limits below are scaled to it.
-const SF: f64 = 0.01;
+/// The test scale; the whole file takes about a minute in a debug build on two
+/// cores. The limits below are scaled to it.
+const SF: f64 = 0.1;
 const PARTITIONS: usize = 2;
 /// Sort merge reservation per partition, scaled down with the data like the limits.
-const SORT_RESERVATION: usize = 256 * 1024;
-const TIMEOUT: Duration = Duration::from_secs(60);
-/// Tight for SF 0.01 (about 10 MiB of data): several queries must spill or fail.
-const LIMITS: [usize; 2] = [3 * 1024 * 1024, 1536 * 1024];
+const SORT_RESERVATION: usize = 1024 * 1024;
+const TIMEOUT: Duration = Duration::from_mins(1);
+/// Tight for SF 0.1 (about 100 MiB of data): several queries must spill or fail.
+const LIMITS: [usize; 2] = [16 * 1024 * 1024, 8 * 1024 * 1024];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tpch_governed_completes_at_least_as_many_queries_as_builtin_pools() {
