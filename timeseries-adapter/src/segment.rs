@@ -4,17 +4,18 @@
 //! offset 0      header (64 bytes)
 //!               magic "GORSEG\0\x01" | version u32 | series_count u32 | segment_id u64
 //!               point_count u64 | min_ts i64 | max_ts i64 | data_len u64 | 0u32 | header crc32
-//! offset 64     directory: series_count entries of 56 bytes, sorted by series id
+//! offset 64     directory: series_count entries of 64 bytes, sorted by series id
 //!               series u64 | first_ts i64 | last_ts i64 | count u64 | bit_len u64
-//!               data_offset u64 | data_len u32 | data crc32
+//!               data_offset u64 | data_len u32 | data crc32 | entry crc32 | 0u32
 //! ...           data: each block's used words, little-endian u64
 //! end - 16      footer: crc32 of every byte before the footer | 0u32 | magic "GORSEGOK"
 //! ```
 //!
-//! All integers are little-endian. Three checksums, three jobs: the header crc lets a reader
-//! trust the sizes before it reads anything else; the per-block crc lets a query verify just
-//! the block it reads; the whole-file crc is what a restart checks before a segment is used
-//! at all. The footer is written last, so a torn write (crash mid-flush) is caught by length,
+//! All integers are little-endian. Four checksums, four jobs: the header crc lets a reader
+//! trust the sizes before it reads anything else; each directory entry's crc lets a query's
+//! binary search trust every entry it probes (a flipped series id cannot make a block
+//! silently "missing"); the per-block crc lets a query verify just the block it reads; the
+//! whole-file crc is what a restart checks before a segment is used at all. The footer is written last, so a torn write (crash mid-flush) is caught by length,
 //! footer magic or crc: it is never silently used.
 //!
 //! # Writing without flooding the page cache
@@ -49,7 +50,7 @@ const VERSION: u32 = 1;
 /// Header size in bytes.
 pub const HEADER_LEN: u64 = 64;
 /// Directory entry size in bytes.
-pub const DIR_ENTRY_LEN: u64 = 56;
+pub const DIR_ENTRY_LEN: u64 = 64;
 /// Footer size in bytes.
 pub const FOOTER_LEN: u64 = 16;
 
@@ -323,6 +324,9 @@ pub fn write_segment(
                     .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "block over 4 GiB"))?,
             );
             put_u32(&mut entry, crc);
+            let ecrc = crc32fast::hash(&entry);
+            put_u32(&mut entry, ecrc);
+            put_u32(&mut entry, 0);
             w.put(&entry)?;
             offset += bytes;
         }
@@ -495,6 +499,15 @@ pub fn read_block(meta: &SegmentMeta, series: SeriesId) -> Result<Option<Block>,
         let mid = lo + (hi - lo) / 2;
         file.read_exact_at(&mut entry, HEADER_LEN + mid * DIR_ENTRY_LEN)
             .map_err(io_err(path))?;
+        let (stored, computed) = (get_u32(&entry, 56), crc32fast::hash(&entry[..56]));
+        if stored != computed || get_u32(&entry, 60) != 0 {
+            return Err(SegmentError::Checksum {
+                path: path.to_path_buf(),
+                region: format!("directory entry {mid}"),
+                stored,
+                computed,
+            });
+        }
         let id = get_u64(&entry, 0);
         match id.cmp(&series.0) {
             std::cmp::Ordering::Equal => break Some(entry),
@@ -509,7 +522,9 @@ pub fn read_block(meta: &SegmentMeta, series: SeriesId) -> Result<Option<Block>,
     let len = u64::from(get_u32(&entry, 48));
     let stored = get_u32(&entry, 52);
     let bit_len = get_u64(&entry, 32);
-    if len % 8 != 0 || offset + len > meta.file_len - FOOTER_LEN || bit_len > len * 8 {
+    let data_end = meta.file_len.saturating_sub(FOOTER_LEN);
+    if len % 8 != 0 || offset.checked_add(len).is_none_or(|end| end > data_end) || bit_len > len * 8
+    {
         return Err(SegmentError::Format {
             path: path.to_path_buf(),
             reason: format!("directory entry of series {series} points outside the data"),
@@ -673,6 +688,28 @@ mod tests {
         fs::write(&meta.path, &bytes).unwrap();
         let err = read_block(&meta, SeriesId(0)).unwrap_err();
         assert!(matches!(err, SegmentError::Checksum { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_flipped_directory_byte_is_an_error_at_query_time_never_a_silent_miss() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = blocks(8, 30);
+        let meta = write_segment(dir.path(), 3, &b, opts()).unwrap();
+        let good = fs::read(&meta.path).unwrap();
+        let dir_start = HEADER_LEN as usize;
+        let dir_end = dir_start + 8 * DIR_ENTRY_LEN as usize;
+        for at in dir_start..dir_end {
+            let mut bad = good.clone();
+            bad[at] ^= 0x01;
+            fs::write(&meta.path, &bad).unwrap();
+            for (s, block) in &b {
+                match read_block(&meta, *s) {
+                    Ok(Some(got)) => assert_eq!(got.words[..], block.words[..block.used_words()]),
+                    Ok(None) => panic!("byte {at}: series {s} silently missing"),
+                    Err(_) => {}
+                }
+            }
+        }
     }
 
     #[test]
