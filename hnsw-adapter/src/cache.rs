@@ -31,6 +31,12 @@ use crate::store::{self, SegmentManifest};
 /// more only helps when other threads keep taking the memory we free.
 const MAX_ATTEMPTS: usize = 4;
 
+/// How long eviction and stats wait for a slot's lock. Searches, inserts and stats hold it
+/// for microseconds, a load or a persist for milliseconds: waiting this long gets past the
+/// former without stalling behind the latter (and two loaders evicting for each other
+/// cannot deadlock, they time out).
+const SLOT_WAIT: Duration = Duration::from_millis(2);
+
 /// How the cache answers pressure it is told about (see [`HnswCache::spawn_pressure_watcher`]).
 ///
 /// Global pressure means *other* engines need memory: shed cold segments in proportion.
@@ -278,9 +284,15 @@ pub struct HnswCache {
 }
 
 impl Drop for HnswCache {
+    /// Stops the pressure watcher and writes changed segments to disk: inserts since the
+    /// last persist must not vanish with the cache. A failure is logged (a destructor
+    /// cannot return it); call [`HnswCache::persist_all`] first to handle errors yourself.
     fn drop(&mut self) {
         if let Some(w) = self.watcher.lock().take() {
             w.abort();
+        }
+        if let Err(e) = self.persist_all() {
+            tracing::error!(cache = %self.inner.name, error = %e, "changed vector segments not persisted on drop");
         }
     }
 }
@@ -675,7 +687,7 @@ impl Inner {
     /// Drops a slot's resident graph if nobody uses it, persisting it first if it changed.
     fn try_evict(&self, slot: &Slot) -> usize {
         // A slot being loaded holds its lock for long; skip it rather than wait.
-        let Some(mut body) = slot.body.try_lock() else {
+        let Some(mut body) = slot.body.try_lock_for(SLOT_WAIT) else {
             return 0;
         };
         let Some(seg) = body.resident.as_ref() else {
@@ -826,7 +838,7 @@ impl Inner {
             .values()
             .filter(|s| emergency || !s.pinned.load(Ordering::Acquire))
             .filter_map(|s| {
-                let body = s.body.try_lock()?;
+                let body = s.body.try_lock_for(SLOT_WAIT)?;
                 let seg = body.resident.as_ref()?;
                 (Arc::strong_count(seg) == 1).then(|| seg.charged_bytes())
             })
@@ -845,7 +857,7 @@ impl Inner {
             .filter_map(|s| {
                 // A slot locked for a load has no segment yet; its token is counted once
                 // the load completes.
-                let body = s.body.try_lock()?;
+                let body = s.body.try_lock_for(SLOT_WAIT)?;
                 body.resident.as_ref().map(|seg| seg.charged_bytes())
             })
             .sum()
@@ -865,7 +877,7 @@ impl Inner {
         for slot in slots.values() {
             let pinned = slot.pinned.load(Ordering::Acquire);
             s.pinned_segments += usize::from(pinned);
-            let Some(body) = slot.body.try_lock() else {
+            let Some(body) = slot.body.try_lock_for(SLOT_WAIT) else {
                 continue;
             };
             if let Some(seg) = &body.resident {

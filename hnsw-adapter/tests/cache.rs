@@ -219,7 +219,11 @@ async fn global_pressure_sheds_cold_segments_and_pinned_go_last() {
 
     // Another engine drives global pressure to Critical (85..95 %).
     let ts = drive_global_to(&gov, ceiling * 88 / 100);
-    assert_eq!(gov.global_pressure(), PressureLevel::Critical);
+    let peak = gov.snapshot().global_peak;
+    assert!(
+        peak >= ceiling * 85 / 100 && peak < ceiling * 95 / 100,
+        "Critical, not beyond"
+    );
     wait_for("critical shedding", || cache.stats().evictions >= 4).await;
     let s = cache.stats();
     println!("after critical: {s:?}");
@@ -239,7 +243,8 @@ async fn global_pressure_sheds_cold_segments_and_pinned_go_last() {
     let s = cache.stats();
     let unpinned = s.resident_bytes - s.pinned_bytes;
     let ts = drive_global_to(&gov, ceiling * 95 / 100 + unpinned / 2);
-    assert_eq!(gov.global_pressure(), PressureLevel::Emergency);
+    // The watcher may already have answered; the high-water mark proves we got there.
+    assert!(gov.snapshot().global_peak >= ceiling * 95 / 100);
     wait_for("emergency over", || {
         gov.global_pressure() < PressureLevel::Emergency
     })
@@ -259,7 +264,8 @@ async fn global_pressure_sheds_cold_segments_and_pinned_go_last() {
     drop(ts);
     let one = pinned / 2;
     let _ts = drive_global_to(&gov, ceiling * 95 / 100 + one / 2);
-    assert_eq!(gov.global_pressure(), PressureLevel::Emergency);
+    // The watcher may already have answered; the high-water mark proves we got there.
+    assert!(gov.snapshot().global_peak >= ceiling * 95 / 100);
     wait_for("a pinned segment evicted", || {
         cache.stats().resident_segments == 1
     })

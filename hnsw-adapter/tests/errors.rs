@@ -230,3 +230,24 @@ fn bad_input_gets_typed_errors() {
     cache.insert(&seg(7), 42, &[0.5; DIM]).unwrap();
     assert_eq!(cache.search(&seg(7), &[0.5; DIM], 1, 8).unwrap()[0].id, 42);
 }
+
+#[test]
+fn dropping_the_cache_persists_changed_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let gov = governor(mib(64), mib(128));
+    {
+        let cache = HnswCache::builder(gov.clone(), dir.path())
+            .params(params(50))
+            .build()
+            .unwrap();
+        cache.create_segment(&seg(0)).unwrap();
+        for (i, v) in vectors(50, 8).iter().enumerate() {
+            cache.insert(&seg(0), i, v).unwrap();
+        }
+        // No persist: the drop must do it.
+    }
+    assert_eq!(gov.reserved(EngineId::Vector), 0);
+    let cache = HnswCache::builder(gov, dir.path()).build().unwrap();
+    let v = &vectors(50, 8)[17];
+    assert_eq!(cache.search(&seg(0), v, 1, 16).unwrap()[0].id, 17);
+}
