@@ -1,7 +1,7 @@
 //! [`HnswCache`]: many segments under one Vector budget, loaded on demand, evicted coldest
 //! first, hot ones pinned.
 //!
-//! Every segment is a [`Slot`]: its manifest (where its dump is), and, while resident, an
+//! Every segment is a `Slot`: its manifest (where its dump is), and, while resident, an
 //! `Arc<GovernedHnsw>` holding its reservation. A slot's mutex is held for the whole load,
 //! so concurrent searches of a cold segment wait for one load instead of starting several.
 //! Searches and inserts clone the `Arc` under that mutex and work outside it; eviction takes
