@@ -372,7 +372,9 @@ impl HnswCache {
     }
 
     /// Marks a segment hot and makes it resident: it survives Warning and Critical pressure
-    /// and reclaims, and goes last (after every cold segment) in an Emergency.
+    /// and reclaims, and goes last (after every cold segment) in an Emergency. If it cannot
+    /// be loaded now ([`HnswError::NoRoom`]), it stays marked hot and the error is returned.
+    /// Hotness is a run-time choice of the caller; it is not persisted.
     pub fn pin(&self, id: &SegmentId) -> Result<(), HnswError> {
         let slot = self.inner.slot(id)?;
         slot.pinned.store(true, Ordering::Release);
