@@ -36,7 +36,7 @@ fn single_thread(c: &mut Criterion) {
         });
     });
     let pool: Arc<dyn MemoryPool> = Arc::new(GreedyMemoryPool::new(gib(4)));
-    let mut reservation = MemoryConsumer::new("bench").register(&pool);
+    let reservation = MemoryConsumer::new("bench").register(&pool);
     group.bench_function("greedy_try_grow_shrink", |b| {
         b.iter(|| {
             reservation.try_grow(black_box(BYTES)).expect("room");
@@ -52,7 +52,12 @@ fn single_thread(c: &mut Criterion) {
         });
     });
     group.bench_function("governor_try_reserve_drop", |b| {
-        b.iter(|| drop(black_box(g.try_reserve(EngineId::Query, black_box(BYTES)).expect("room"))));
+        b.iter(|| {
+            drop(black_box(
+                g.try_reserve(EngineId::Query, black_box(BYTES))
+                    .expect("room"),
+            ))
+        });
     });
     group.finish();
 }
@@ -80,7 +85,10 @@ fn contended(threads: usize, iters: u64, op: &(dyn Fn() + Sync)) -> Duration {
 
 fn many_threads(c: &mut Criterion) {
     let max = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
-    let mut counts: Vec<usize> = [2, 4, 8, 16].into_iter().filter(|&n| n <= max.max(2)).collect();
+    let mut counts: Vec<usize> = [2, 4, 8, 16]
+        .into_iter()
+        .filter(|&n| n <= max.max(2))
+        .collect();
     if !counts.contains(&max) && max <= 64 {
         counts.push(max);
     }
@@ -115,7 +123,10 @@ fn many_threads(c: &mut Criterion) {
         group.bench_function("governor_try_reserve_drop", |b| {
             b.iter_custom(|iters| {
                 contended(threads, iters, &|| {
-                    drop(black_box(g.try_reserve(EngineId::Query, black_box(BYTES)).expect("room")));
+                    drop(black_box(
+                        g.try_reserve(EngineId::Query, black_box(BYTES))
+                            .expect("room"),
+                    ));
                 })
             });
         });

@@ -105,7 +105,7 @@ mod tests {
     #[test]
     fn names_are_lower_case_and_unique() {
         let names: std::collections::HashSet<_> =
-            EngineId::ALL.iter().map(|e| e.to_string()).collect();
+            EngineId::ALL.iter().map(ToString::to_string).collect();
         assert_eq!(names.len(), EngineId::COUNT);
         assert!(
             names

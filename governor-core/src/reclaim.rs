@@ -230,12 +230,23 @@ impl MemoryGovernor {
         bytes: usize,
         wait: Duration,
     ) -> ReclaimOutcome {
+        self.reclaim_blocking(ReclaimScope::BorrowersExcept(requester), bytes, wait)
+    }
+
+    /// [`reclaim`](Self::reclaim) for synchronous callers: runs the plan on the governor's
+    /// reclaim runtime and waits at most `wait` for it (it keeps running after that). Blocks
+    /// the calling thread, so never call it from a task of the governor's own runtime.
+    pub fn reclaim_blocking(
+        self: &Arc<Self>,
+        scope: ReclaimScope,
+        bytes: usize,
+        wait: Duration,
+    ) -> ReclaimOutcome {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let governor = Arc::clone(self);
         self.runtime().spawn(async move {
-            let outcome = governor
-                .run_plan(ReclaimScope::BorrowersExcept(requester), bytes)
-                .await;
+            let outcome = governor.run_plan(scope, bytes).await;
+            // The caller may have stopped waiting; then nobody needs the outcome.
             let _ = tx.send(outcome);
         });
         rx.recv_timeout(wait).unwrap_or_else(|_| ReclaimOutcome {

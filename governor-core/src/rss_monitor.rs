@@ -654,17 +654,12 @@ fn remeasure(
     Some((published, resident.bytes))
 }
 
-/// Asks every borrower for `bytes` and waits at most `wait` on the governor's reclaim runtime;
-/// returns the bytes reported freed by then (the plan goes on in the background).
+/// Asks every borrower for `bytes` and waits at most `wait`; returns the bytes reported freed
+/// by then (the plan goes on in the background).
 fn reclaim_borrowers(governor: &Arc<MemoryGovernor>, bytes: usize, wait: Duration) -> usize {
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    let task_governor = Arc::clone(governor);
-    governor.runtime().spawn(async move {
-        let outcome = task_governor.reclaim(ReclaimScope::Borrowers, bytes).await;
-        // The monitor may have stopped waiting; then nobody needs the outcome.
-        let _ = tx.send(outcome.freed);
-    });
-    rx.recv_timeout(wait).unwrap_or(0)
+    governor
+        .reclaim_blocking(ReclaimScope::Borrowers, bytes, wait)
+        .freed
 }
 
 #[cfg(test)]

@@ -3,7 +3,9 @@
 //! Single-threaded, the governor must answer exactly like the model: a reservation succeeds if
 //! and only if it fits under both the engine limit and the ceiling, and every figure matches.
 
-use governor_core::{EngineBudget, EngineId, GovernorConfig, MemError, MemoryGovernor, ReservationToken};
+use governor_core::{
+    EngineBudget, EngineId, GovernorConfig, MemError, MemoryGovernor, ReservationToken,
+};
 use proptest::prelude::*;
 
 const ENGINES: [EngineId; 3] = [EngineId::Query, EngineId::Vector, EngineId::Timeseries];
@@ -42,7 +44,8 @@ impl Model {
     /// Zero bytes always fit (nothing is taken), even when a charge overcommitted the books.
     fn fits(&self, e: usize, bytes: usize) -> bool {
         let total: usize = self.reserved.iter().sum();
-        bytes == 0 || (self.reserved[e] + bytes <= LIMITS[e] && total + self.untracked + bytes <= CEILING)
+        bytes == 0
+            || (self.reserved[e] + bytes <= LIMITS[e] && total + self.untracked + bytes <= CEILING)
     }
 }
 

@@ -33,7 +33,8 @@ fn invariants_hold_under_contention() {
     let violations = Arc::new(AtomicUsize::new(0));
 
     let sampler = {
-        let (g, held, stop, violations) = (g.clone(), held.clone(), stop.clone(), violations.clone());
+        let (g, held, stop, violations) =
+            (g.clone(), held.clone(), stop.clone(), violations.clone());
         std::thread::spawn(move || {
             let mut samples = 0u64;
             while !stop.load(Ordering::Acquire) {
@@ -109,13 +110,29 @@ fn invariants_hold_under_contention() {
     stop.store(true, Ordering::Release);
     let samples = sampler.join().unwrap();
 
-    assert_eq!(violations.load(Ordering::Relaxed), 0, "invariant violations in {samples} samples");
-    assert!(samples > 10, "the sampler must actually have sampled ({samples})");
-    assert!(denials > 0, "the workload must reach the limits to test anything");
+    assert_eq!(
+        violations.load(Ordering::Relaxed),
+        0,
+        "invariant violations in {samples} samples"
+    );
+    assert!(
+        samples > 10,
+        "the sampler must actually have sampled ({samples})"
+    );
+    assert!(
+        denials > 0,
+        "the workload must reach the limits to test anything"
+    );
     for e in ENGINES {
         assert_eq!(g.reserved(e), 0, "{e} leaked");
     }
     let snap = g.snapshot();
-    assert!(snap.engines.iter().all(|e| e.peak <= e.limit), "a peak passed its limit");
-    assert!(snap.global_peak <= ceiling, "the global peak passed the ceiling");
+    assert!(
+        snap.engines.iter().all(|e| e.peak <= e.limit),
+        "a peak passed its limit"
+    );
+    assert!(
+        snap.global_peak <= ceiling,
+        "the global peak passed the ceiling"
+    );
 }

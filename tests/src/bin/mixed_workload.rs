@@ -1,0 +1,56 @@
+//! The main job: the mixed workload on embedded data under one memory governor.
+//!
+//! `cargo run -p tests --bin mixed_workload [-- --small] [-- --prometheus]`; exits non-zero
+//! when any engine exceeded its budget, RSS passed the ceiling, or any work did not complete.
+
+use tests::workload::{WorkloadConfig, run};
+
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    // Denials are normal here (the cache evicts, DataFusion spills): they are `warn` events,
+    // shown with RUST_LOG=warn.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "error".into()),
+        )
+        .init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!(
+            "mixed_workload [--small] [--ungoverned] [--prometheus]\n  --small       the test-suite sizes\n  \
+             --ungoverned  the same work with budgets too large to matter (the no-governor baseline)\n  \
+             --prometheus  print the final metrics"
+        );
+        return std::process::ExitCode::SUCCESS;
+    }
+    let mut config = if args.iter().any(|a| a == "--small") {
+        WorkloadConfig::small()
+    } else {
+        WorkloadConfig::demo()
+    };
+    if args.iter().any(|a| a == "--ungoverned") {
+        config = config.ungoverned();
+    }
+    println!("running the mixed workload: {config:?}");
+    match run(config).await {
+        Ok(report) => {
+            print!("{}", report.summary());
+            if args.iter().any(|a| a == "--prometheus") {
+                print!("{}", report.prometheus);
+            }
+            if report.passed() {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("mixed workload could not start: {e}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}

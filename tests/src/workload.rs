@@ -1,0 +1,596 @@
+//! The mixed workload: vector search + bulk timeseries ingest + SQL `GROUP BY` under one governor.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::array::{Float64Array, Int64Array, RecordBatch};
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::datasource::MemTable;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion_pool::GovernorExt;
+use governor_core::alloc::ProcessMemory;
+use governor_core::rss_monitor::RssMonitorConfig;
+use governor_core::{
+    EngineBudget, EngineId, GovernorConfig, MemoryGovernor, ReservationToken, human_bytes, mib,
+};
+use hnsw_adapter::{HnswCache, HnswParams, SegmentId};
+use parking_lot::Mutex;
+use timeseries_adapter::{FileSegmentFlusher, Point, SeriesId, TimeseriesAdapter};
+
+/// Sizes and budgets of one run.
+#[derive(Clone, Debug)]
+pub struct WorkloadConfig {
+    /// Global ceiling (also the RSS target).
+    pub ceiling: usize,
+    /// Vector engine limit.
+    pub vector_limit: usize,
+    /// Timeseries engine limit.
+    pub timeseries_limit: usize,
+    /// Query engine limit.
+    pub query_limit: usize,
+    /// Bridge engine limit (holds the SQL input table, booked as resident data).
+    pub bridge_limit: usize,
+    /// HNSW segments.
+    pub segments: usize,
+    /// Vectors per segment.
+    pub vectors_per_segment: usize,
+    /// Vector dimension.
+    pub dim: usize,
+    /// Searches to run.
+    pub searches: usize,
+    /// Timeseries series.
+    pub series: usize,
+    /// Points per series.
+    pub points_per_series: usize,
+    /// Points per append call.
+    pub batch: usize,
+    /// Rows of the SQL table.
+    pub sql_rows: usize,
+    /// Distinct `GROUP BY` keys.
+    pub sql_groups: usize,
+    /// `GROUP BY` queries to run.
+    pub sql_queries: usize,
+    /// DataFusion partitions.
+    pub partitions: usize,
+}
+
+impl WorkloadConfig {
+    /// The demo: a few hundred MiB of work under a 640 MiB ceiling.
+    pub fn demo() -> Self {
+        Self {
+            ceiling: mib(320),
+            vector_limit: mib(32),
+            timeseries_limit: mib(16),
+            query_limit: mib(96),
+            bridge_limit: mib(96),
+            segments: 16,
+            vectors_per_segment: 3_000,
+            dim: 64,
+            searches: 2_000,
+            series: 1_000,
+            points_per_series: 4_000,
+            batch: 500,
+            sql_rows: 3_000_000,
+            sql_groups: 1_000_000,
+            sql_queries: 4,
+            partitions: 2,
+        }
+    }
+
+    /// The same work with budgets so large that nothing is ever denied: what the process does
+    /// without a governor (nothing spills, flushes early or evicts), for comparison.
+    #[must_use]
+    pub fn ungoverned(self) -> Self {
+        let huge = governor_core::gib(64);
+        Self {
+            ceiling: huge,
+            vector_limit: huge,
+            timeseries_limit: huge,
+            query_limit: huge,
+            bridge_limit: huge,
+            ..self
+        }
+    }
+
+    /// A small run for the test suite (debug builds on 2 cores).
+    pub fn small() -> Self {
+        Self {
+            ceiling: mib(192),
+            vector_limit: mib(2),
+            timeseries_limit: mib(2),
+            query_limit: mib(24),
+            bridge_limit: mib(16),
+            segments: 6,
+            vectors_per_segment: 400,
+            dim: 16,
+            searches: 120,
+            series: 100,
+            points_per_series: 2_000,
+            batch: 250,
+            sql_rows: 300_000,
+            sql_groups: 100_000,
+            sql_queries: 2,
+            partitions: 2,
+        }
+    }
+}
+
+/// What a run did and saw.
+#[derive(Clone, Debug, Default)]
+pub struct WorkloadReport {
+    /// Searches that returned results.
+    pub searches_done: usize,
+    /// Points stored by the timeseries engine.
+    pub points_ingested: usize,
+    /// Points read back equal to what was written.
+    pub points_verified: usize,
+    /// Times ingest was throttled (and retried: nothing is dropped).
+    pub ingest_throttles: usize,
+    /// SQL queries that completed with the right number of groups.
+    pub queries_done: usize,
+    /// Peak process RSS seen by the sampler.
+    pub peak_rss: usize,
+    /// Peak of everything booked against the ceiling.
+    pub peak_booked: usize,
+    /// Per engine: (engine, limit, peak grant).
+    pub engine_peaks: Vec<(EngineId, usize, usize)>,
+    /// Invariant breaches the sampler saw, and work that did not complete.
+    pub failures: Vec<String>,
+    /// Sampler readings.
+    pub samples: usize,
+    /// Ceiling.
+    pub ceiling: usize,
+    /// Wall time.
+    pub elapsed: Duration,
+    /// Prometheus text of the final snapshot.
+    pub prometheus: String,
+}
+
+impl WorkloadReport {
+    /// True when every promise held.
+    pub fn passed(&self) -> bool {
+        self.failures.is_empty()
+    }
+
+    /// A human-readable summary.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "mixed workload in {:.1?}: {} searches, {} points ingested ({} verified, {} throttles retried), {} GROUP BY queries\n\
+             peak RSS {} / ceiling {} ({:.0}%), peak booked {}, {} samples\n",
+            self.elapsed,
+            self.searches_done,
+            self.points_ingested,
+            self.points_verified,
+            self.ingest_throttles,
+            self.queries_done,
+            human_bytes(self.peak_rss),
+            human_bytes(self.ceiling),
+            self.peak_rss as f64 * 100.0 / self.ceiling as f64,
+            human_bytes(self.peak_booked),
+            self.samples,
+        );
+        for (engine, limit, peak) in &self.engine_peaks {
+            s += &format!(
+                "  {engine:<10} peak {:>10} of limit {:>10}\n",
+                human_bytes(*peak),
+                human_bytes(*limit)
+            );
+        }
+        if self.failures.is_empty() {
+            s += "PASS: no engine over budget, RSS within the ceiling, all work completed\n";
+        } else {
+            s += "FAIL:\n";
+            for f in &self.failures {
+                s += &format!("  - {f}\n");
+            }
+        }
+        s
+    }
+}
+
+/// Deterministic pseudo-random numbers (splitmix64), so every run and every check sees the
+/// same data without storing it.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+fn unit(x: u64) -> f32 {
+    (mix(x) >> 40) as f32 / (1u64 << 24) as f32
+}
+
+fn vector(seed: u64, dim: usize) -> Vec<f32> {
+    (0..dim).map(|i| unit(seed * 1_000 + i as u64)).collect()
+}
+
+fn point(series: usize, i: usize) -> Point {
+    let ts =
+        1_700_000_000_000 + (i as i64) * 1_000 + (mix(series as u64 * 31 + i as u64) % 7) as i64;
+    let value =
+        ((series * 7 + i) % 1_000) as f64 / 8.0 + f64::from(u8::try_from(i % 3).unwrap_or(0));
+    Point::new(ts, value)
+}
+
+/// Runs the workload and reports; `Err` only for set-up failures (temp dir, engine start).
+pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
+    let started = Instant::now();
+    let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
+    let governor = MemoryGovernor::new(
+        GovernorConfig::builder()
+            .global_ceiling(config.ceiling)
+            .engine(
+                EngineId::Vector,
+                EngineBudget::new(config.vector_limit).with_floor(config.vector_limit / 2),
+            )
+            .engine(
+                EngineId::Timeseries,
+                EngineBudget::new(config.timeseries_limit).with_floor(config.timeseries_limit / 2),
+            )
+            .engine(
+                EngineId::Query,
+                EngineBudget::new(config.query_limit).with_floor(config.query_limit / 4),
+            )
+            .engine(EngineId::Bridge, EngineBudget::new(config.bridge_limit))
+            .build()
+            .map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
+    let monitor = governor
+        .start_rss_monitor(RssMonitorConfig::default())
+        .map_err(|e| format!("RSS monitor: {e}"))?;
+
+    // The sampler: every engine's grant against its limit, and real RSS against the ceiling.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let peak_rss = Arc::new(AtomicUsize::new(0));
+    let samples = Arc::new(AtomicUsize::new(0));
+    let sampler = {
+        let (governor, stop, failures, peak_rss, samples) = (
+            governor.clone(),
+            stop.clone(),
+            failures.clone(),
+            peak_rss.clone(),
+            samples.clone(),
+        );
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Acquire) {
+                for engine in [
+                    EngineId::Vector,
+                    EngineId::Timeseries,
+                    EngineId::Query,
+                    EngineId::Bridge,
+                ] {
+                    let (granted, limit) = (governor.granted(engine), governor.limit(engine));
+                    if granted > limit {
+                        failures.lock().push(format!(
+                            "{engine} held {} over its limit {}",
+                            human_bytes(granted),
+                            human_bytes(limit)
+                        ));
+                    }
+                }
+                if let Ok(process) = ProcessMemory::query() {
+                    peak_rss.fetch_max(process.rss, Ordering::AcqRel);
+                }
+                samples.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+
+    // --- vector engine: build, persist, pin the hot segment --------------------------------
+    let cache = Arc::new(
+        HnswCache::builder(governor.clone(), dir.path().join("vector"))
+            .params(HnswParams::new(config.dim).expected_points(config.vectors_per_segment))
+            .build()
+            .map_err(|e| format!("HNSW cache: {e}"))?,
+    );
+    let _pressure_watch = cache.spawn_pressure_watcher().map_err(|e| e.to_string())?;
+    let ids: Vec<SegmentId> = (0..config.segments)
+        .map(|s| SegmentId::new("docs", s as u32).map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    {
+        let (cache, ids, cfg) = (cache.clone(), ids.clone(), config.clone());
+        tokio::task::spawn_blocking(move || -> Result<(), String> {
+            for (s, id) in ids.iter().enumerate() {
+                cache.create_segment(id).map_err(|e| e.to_string())?;
+                for v in 0..cfg.vectors_per_segment {
+                    let seed = (s * cfg.vectors_per_segment + v) as u64;
+                    insert_with_retry(&cache, id, v, &vector(seed, cfg.dim))?;
+                }
+                cache.persist(id).map_err(|e| e.to_string())?;
+            }
+            cache.pin(&ids[0]).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+    }
+
+    // --- the three engines at once -----------------------------------------------------
+    let searches = {
+        let (cache, cfg) = (cache.clone(), config.clone());
+        tokio::task::spawn_blocking(move || vector_searches(&cache, &cfg))
+    };
+    let ingest = {
+        let (governor, cfg, path) = (
+            governor.clone(),
+            config.clone(),
+            dir.path().join("timeseries"),
+        );
+        tokio::spawn(async move { timeseries_ingest(governor, &cfg, path).await })
+    };
+    let sql = {
+        let (governor, cfg, path) = (governor.clone(), config.clone(), dir.path().join("spill"));
+        tokio::spawn(async move { sql_group_by(governor, &cfg, path).await })
+    };
+    let mut report = WorkloadReport {
+        ceiling: config.ceiling,
+        ..WorkloadReport::default()
+    };
+    match searches.await.map_err(|e| e.to_string())? {
+        Ok(done) => report.searches_done = done,
+        Err(e) => failures.lock().push(format!("vector search: {e}")),
+    }
+    match ingest.await.map_err(|e| e.to_string())? {
+        Ok((ingested, verified, throttles)) => {
+            report.points_ingested = ingested;
+            report.points_verified = verified;
+            report.ingest_throttles = throttles;
+        }
+        Err(e) => failures.lock().push(format!("timeseries: {e}")),
+    }
+    match sql.await.map_err(|e| e.to_string())? {
+        Ok(done) => report.queries_done = done,
+        Err(e) => failures.lock().push(format!("sql: {e}")),
+    }
+    stop.store(true, Ordering::Release);
+    sampler
+        .join()
+        .map_err(|_| "sampler thread panicked".to_string())?;
+    drop(monitor);
+
+    let expected_points = config.series * config.points_per_series;
+    let mut failures = std::mem::take(&mut *failures.lock());
+    if report.searches_done != config.searches {
+        failures.push(format!(
+            "{} of {} searches completed",
+            report.searches_done, config.searches
+        ));
+    }
+    if report.points_verified != expected_points {
+        failures.push(format!(
+            "{} of {expected_points} points read back",
+            report.points_verified
+        ));
+    }
+    if report.queries_done != config.sql_queries {
+        failures.push(format!(
+            "{} of {} queries completed",
+            report.queries_done, config.sql_queries
+        ));
+    }
+    report.peak_rss = peak_rss.load(Ordering::Acquire);
+    if report.peak_rss > config.ceiling {
+        failures.push(format!(
+            "peak RSS {} above the ceiling {}",
+            human_bytes(report.peak_rss),
+            human_bytes(config.ceiling)
+        ));
+    }
+    let snapshot = governor.snapshot();
+    report.peak_booked = snapshot.global_peak;
+    report.engine_peaks = snapshot
+        .engines
+        .iter()
+        .filter(|e| e.configured)
+        .map(|e| (e.engine, e.limit, e.peak))
+        .collect();
+    for (engine, limit, peak) in &report.engine_peaks {
+        if peak > limit {
+            failures.push(format!(
+                "{engine} peaked at {} over its limit {}",
+                human_bytes(*peak),
+                human_bytes(*limit)
+            ));
+        }
+    }
+    failures.dedup();
+    report.failures = failures;
+    report.samples = samples.load(Ordering::Relaxed);
+    report.prometheus = snapshot.to_prometheus();
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+fn insert_with_retry(
+    cache: &HnswCache,
+    id: &SegmentId,
+    v: usize,
+    vector: &[f32],
+) -> Result<(), String> {
+    for attempt in 0..200 {
+        match cache.insert(id, v, vector) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_backpressure() && attempt < 199 => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Err("insert retries exhausted".into())
+}
+
+/// Queries per `search_all_batch` call: each cold segment is loaded once per batch, which is
+/// how a vector engine with 30 % of its index resident keeps its throughput.
+const SEARCH_BATCH: usize = 50;
+
+fn vector_searches(cache: &HnswCache, cfg: &WorkloadConfig) -> Result<usize, String> {
+    let mut done = 0;
+    let queries: Vec<Vec<f32>> = (0..cfg.searches)
+        .map(|q| {
+            // Queries near stored vectors of every segment, so the cache must load and evict.
+            let seed = mix(q as u64) % (cfg.segments * cfg.vectors_per_segment) as u64;
+            vector(seed, cfg.dim)
+        })
+        .collect();
+    for (b, batch) in queries.chunks(SEARCH_BATCH).enumerate() {
+        let mut attempt = 0;
+        loop {
+            match cache.search_all_batch(batch, 10, 64) {
+                Ok(results) => {
+                    if let Some(q) = results.iter().position(Vec::is_empty) {
+                        return Err(format!("search {} returned nothing", b * SEARCH_BATCH + q));
+                    }
+                    done += results.len();
+                    break;
+                }
+                // Another engine's burst can leave no room for a load for a moment: wait, retry.
+                Err(e) if e.is_backpressure() && attempt < 200 => {
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(format!("search batch {b}: {e}")),
+            }
+        }
+    }
+    Ok(done)
+}
+
+async fn timeseries_ingest(
+    governor: Arc<MemoryGovernor>,
+    cfg: &WorkloadConfig,
+    dir: std::path::PathBuf,
+) -> Result<(usize, usize, usize), String> {
+    let flusher = FileSegmentFlusher::new(&dir).map_err(|e| format!("segment dir: {e}"))?;
+    let adapter = TimeseriesAdapter::builder(governor)
+        .flusher(Arc::new(flusher))
+        .open()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut ingested = 0;
+    let mut throttles = 0;
+    for start in (0..cfg.points_per_series).step_by(cfg.batch) {
+        let end = (start + cfg.batch).min(cfg.points_per_series);
+        for series in 0..cfg.series {
+            let batch: Vec<Point> = (start..end).map(|i| point(series, i)).collect();
+            let mut rest: &[Point] = &batch;
+            while !rest.is_empty() {
+                match adapter.append(SeriesId(series as u64), rest).await {
+                    Ok(()) => {
+                        ingested += rest.len();
+                        rest = &[];
+                    }
+                    Err(e @ timeseries_adapter::IngestError::Throttled { .. }) => {
+                        // Lossless backpressure: keep the unstored suffix and try again.
+                        throttles += 1;
+                        ingested += e.accepted();
+                        rest = &rest[e.accepted()..];
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        }
+    }
+    let mut verified = 0;
+    for series in 0..cfg.series {
+        let got = adapter
+            .query(SeriesId(series as u64), i64::MIN..=i64::MAX)
+            .await
+            .map_err(|e| e.to_string())?;
+        let exact = got.len() == cfg.points_per_series
+            && got.iter().enumerate().all(|(i, p)| {
+                *p == point(series, i)
+                    || (p.ts == point(series, i).ts
+                        && p.value.to_bits() == point(series, i).value.to_bits())
+            });
+        if !exact {
+            return Err(format!(
+                "series {series}: read back {} points, not the ones written",
+                got.len()
+            ));
+        }
+        verified += got.len();
+    }
+    Ok((ingested, verified, throttles))
+}
+
+async fn sql_group_by(
+    governor: Arc<MemoryGovernor>,
+    cfg: &WorkloadConfig,
+    spill: std::path::PathBuf,
+) -> Result<usize, String> {
+    std::fs::create_dir_all(&spill).map_err(|e| e.to_string())?;
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("k", DataType::Int64, false),
+        Field::new("v", DataType::Float64, false),
+    ]));
+    let per_batch = 8_192;
+    let mut partitions: Vec<Vec<RecordBatch>> = vec![Vec::new(); cfg.partitions];
+    let mut table_token: ReservationToken = governor.charge(EngineId::Bridge, 0);
+    for (b, start) in (0..cfg.sql_rows).step_by(per_batch).enumerate() {
+        let end = (start + per_batch).min(cfg.sql_rows);
+        let k: Int64Array = (start..end)
+            .map(|i| (mix(i as u64) % cfg.sql_groups as u64) as i64)
+            .collect();
+        let v: Float64Array = (start..end).map(|i| (i % 100) as f64).collect();
+        let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(k), Arc::new(v)])
+            .map_err(|e| e.to_string())?;
+        // The table is resident input data: booked on the Bridge engine, never exceeding it.
+        table_token
+            .try_grow(batch.get_array_memory_size())
+            .map_err(|e| format!("SQL input does not fit the bridge budget: {e}"))?;
+        partitions[b % cfg.partitions].push(batch);
+    }
+    let table = MemTable::try_new(schema, partitions).map_err(|e| e.to_string())?;
+    let runtime = RuntimeEnvBuilder::new()
+        .with_memory_pool(governor.pool())
+        .with_disk_manager_builder(
+            DiskManagerBuilder::default().with_mode(DiskManagerMode::Directories(vec![spill])),
+        )
+        .build_arc()
+        .map_err(|e| e.to_string())?;
+    let session = SessionConfig::new()
+        .with_target_partitions(cfg.partitions)
+        .with_batch_size(8_192);
+    let ctx = SessionContext::new_with_config_rt(session, runtime);
+    ctx.register_table("t", Arc::new(table))
+        .map_err(|e| e.to_string())?;
+    let expected_groups = {
+        let mut keys: Vec<i64> = (0..cfg.sql_rows)
+            .map(|i| (mix(i as u64) % cfg.sql_groups as u64) as i64)
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        keys.len()
+    };
+    let mut done = 0;
+    for q in 0..cfg.sql_queries {
+        let sql = if q % 2 == 0 {
+            "SELECT k, count(*) AS n, sum(v) AS s FROM t GROUP BY k"
+        } else {
+            "SELECT k, avg(v) AS a, max(v) AS m FROM t GROUP BY k"
+        };
+        let run = async {
+            let df = ctx.sql(sql).await?;
+            df.collect().await
+        };
+        let batches = tokio::time::timeout(Duration::from_secs(600), run)
+            .await
+            .map_err(|_| format!("query {q} timed out"))?
+            .map_err(|e| format!("query {q}: {e}"))?;
+        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        if rows != expected_groups {
+            return Err(format!(
+                "query {q}: {rows} groups, expected {expected_groups}"
+            ));
+        }
+        done += 1;
+    }
+    Ok(done)
+}
