@@ -56,12 +56,22 @@ pub struct MemoryGovernor {
 static NEXT_THREAD_SHARD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 thread_local! {
-    /// Each thread gets its own shard index, round-robin, on first use.
-    static THREAD_SHARD: usize = NEXT_THREAD_SHARD.fetch_add(1, Ordering::Relaxed);
+    /// Each thread gets its own shard index, round-robin, on first use. A `const` cell keeps
+    /// the lookup to one TLS read on the hot path (no lazy-init check).
+    static THREAD_SHARD: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
 }
 
 fn thread_shard() -> usize {
-    THREAD_SHARD.with(|s| *s)
+    THREAD_SHARD.with(|s| {
+        let shard = s.get();
+        if shard == usize::MAX {
+            let assigned = NEXT_THREAD_SHARD.fetch_add(1, Ordering::Relaxed);
+            s.set(assigned);
+            assigned
+        } else {
+            shard
+        }
+    })
 }
 
 impl MemoryGovernor {
