@@ -768,7 +768,12 @@ impl Inner {
 
     fn shed_for_pressure(&self, global: PressureLevel, vector: PressureLevel) -> usize {
         let start = Instant::now();
-        let unpinned = self.stats().resident_bytes - self.pinned_bytes();
+        // Two separate reads: a load or pin between them can make pinned exceed the older
+        // resident figure, so the difference must not underflow.
+        let unpinned = self
+            .stats()
+            .resident_bytes
+            .saturating_sub(self.pinned_bytes());
         let share = |pct: u8| unpinned / 100 * usize::from(pct);
         let mut freed = match global {
             PressureLevel::Normal => 0,
