@@ -3,7 +3,7 @@
 //! table: queries completed per pool per limit, time relative to the unbounded run, peak RSS.
 //!
 //! ```text
-//! cargo run --release -p datafusion-pool --example tpch_limits -- [--sf 1] [--limits 1G,256M,64M] [--partitions 4] [--timeout 300]
+//! cargo run --release -p datafusion-pool --example tpch_limits -- [--sf 1] [--limits 1G,256M,64M] [--partitions 4] [--timeout 300] [--runs 1]
 //! ```
 //!
 //! Each (pool, limit) runs in a child process of this binary so that its peak RSS (`VmHWM`)
@@ -28,6 +28,9 @@ struct Args {
     limits: Vec<(String, Option<usize>)>,
     partitions: usize,
     timeout: Duration,
+    /// Runs per query; the fastest completed run is reported (timings on a shared machine
+    /// are noisy, the minimum is the least disturbed).
+    runs: usize,
 }
 
 fn parse_size(s: &str) -> Result<usize, String> {
@@ -43,6 +46,7 @@ fn args() -> Result<(Args, Child), String> {
         limits: Vec::new(),
         partitions: 4,
         timeout: Duration::from_mins(5),
+        runs: 1,
     };
     let mut limits = "1G,256M,64M".to_owned();
     let mut child = None;
@@ -58,6 +62,12 @@ fn args() -> Result<(Args, Child), String> {
             "--timeout" => {
                 a.timeout =
                     Duration::from_secs(value()?.parse().map_err(|e| format!("--timeout: {e}"))?);
+            }
+            "--runs" => {
+                a.runs = value()?.parse().map_err(|e| format!("--runs: {e}"))?;
+                if a.runs == 0 {
+                    return Err("--runs must be at least 1".to_owned());
+                }
             }
             "--child" => {
                 let pool = match value()?.as_str() {
@@ -93,14 +103,22 @@ fn child(a: &Args, pool: PoolKind, limit: Option<usize>) {
     let ctx = context(pool, a.partitions, 10 * 1024 * 1024);
     tpch::register(&ctx, &tables);
     for (n, sql) in tpch::queries() {
-        let outcome = rt.block_on(run(&ctx, &sql, a.timeout));
+        let mut outcome = rt.block_on(run(&ctx, &sql, a.timeout));
+        for _ in 1..a.runs {
+            let again = rt.block_on(run(&ctx, &sql, a.timeout));
+            if let (Outcome::Done { elapsed: best, .. }, Outcome::Done { elapsed, .. }) =
+                (&mut outcome, &again)
+            {
+                *best = (*best).min(*elapsed);
+            }
+        }
         let (status, ms, hash) = match &outcome {
             Outcome::Done { rows, elapsed, .. } => {
                 let mut h = DefaultHasher::new();
                 for r in rows {
                     r.as_ref().as_ref().hash(&mut h);
                 }
-                ("ok", elapsed.as_millis(), h.finish())
+                ("ok", elapsed.as_micros(), h.finish())
             }
             Outcome::Exhausted(m) => {
                 eprintln!("Q{n} out of memory: {m}");
@@ -144,6 +162,7 @@ fn spawn(a: &Args, pool: PoolKind, limit: &str) -> Run {
             &a.partitions.to_string(),
         ])
         .args(["--timeout", &a.timeout.as_secs().to_string()])
+        .args(["--runs", &a.runs.to_string()])
         .args(["--child", pool.name(), limit])
         .output()
         .expect("spawn child");
@@ -194,8 +213,8 @@ fn main() {
     let baseline = spawn(&a, PoolKind::Greedy, "unbounded");
     let base_ms: BTreeMap<usize, u128> = baseline.results.iter().map(|(n, r)| (*n, r.1)).collect();
     println!(
-        "TPC-H SF {} , {} partitions, all 22 queries, timeout {:?} per query\n",
-        a.sf, a.partitions, a.timeout
+        "TPC-H SF {}, {} partitions, all 22 queries, best of {} run(s), timeout {:?} per query\n",
+        a.sf, a.partitions, a.runs, a.timeout
     );
     println!(
         "| limit | pool | completed | wrong results | time ratio to unbounded (completed queries) | peak RSS | failed queries |"

@@ -24,6 +24,8 @@ use crate::options::{GovernedPoolBuilder, PoolOptions};
 
 /// The engine every governed pool books against.
 const ENGINE: EngineId = EngineId::Query;
+/// A cached Query budget is re-read from the governor after this many share computations.
+const BUDGET_REFRESH: usize = 32;
 
 /// A DataFusion [`MemoryPool`] whose size is the governor's budget for [`EngineId::Query`].
 ///
@@ -58,6 +60,9 @@ pub struct GovernedMemoryPool {
     active_spillers: AtomicUsize,
     /// Registered consumers that cannot spill; the headroom is kept only while there are any.
     unspillable_consumers: AtomicUsize,
+    /// The Query budget as last read from the governor, and calls since (see `budget`).
+    budget_cache: AtomicUsize,
+    budget_ticks: AtomicUsize,
     overcommit: AtomicUsize,
     peak_overcommit: AtomicUsize,
     denials: AtomicU64,
@@ -134,6 +139,8 @@ impl GovernedMemoryPool {
             starving: AtomicUsize::new(0),
             active_spillers: AtomicUsize::new(0),
             unspillable_consumers: AtomicUsize::new(0),
+            budget_cache: AtomicUsize::new(0),
+            budget_ticks: AtomicUsize::new(0),
             overcommit: AtomicUsize::new(0),
             peak_overcommit: AtomicUsize::new(0),
             denials: AtomicU64::new(0),
@@ -186,8 +193,8 @@ impl GovernedMemoryPool {
     /// more — and the rest (the *spillable budget*) is split evenly among the spillers that
     /// hold memory, counting the asking one. Idle registered spillers do not count (unlike
     /// `FairSpillPool`, apache/datafusion#22036), so a lone sort gets the whole spillable part.
-    fn spill_share(&self, consumer_reserved: usize) -> Share {
-        let budget = self.governor.reserved(ENGINE) + self.governor.available(ENGINE);
+    fn spill_share(&self, consumer_reserved: usize, fresh: bool) -> Share {
+        let budget = self.budget(fresh);
         let headroom = self.headroom();
         let unspillable = self.unspillable.load(Ordering::Relaxed)
             + self.pending_unspillable.load(Ordering::Relaxed);
@@ -212,6 +219,23 @@ impl GovernedMemoryPool {
             return 0;
         }
         (self.governor.limit(ENGINE) as f64 * self.options.unspillable_headroom) as usize
+    }
+
+    /// What the Query engine could hold in total now: `reserved + available` in the governor.
+    ///
+    /// Those exact figures sum the governor's per-thread credit shards of every engine,
+    /// which would make each `try_grow` several times as expensive as DataFusion's own
+    /// pools. The share is a policy target, not the limit (the token enforces that exactly),
+    /// so a grant may rely on a figure up to `BUDGET_REFRESH` computations old; a denial is
+    /// always re-checked with a `fresh` one, so staleness never refuses memory.
+    fn budget(&self, fresh: bool) -> usize {
+        if fresh || self.budget_ticks.fetch_add(1, Ordering::Relaxed) % BUDGET_REFRESH == 0 {
+            let b = self.governor.reserved(ENGINE) + self.governor.available(ENGINE);
+            self.budget_cache.store(b, Ordering::Relaxed);
+            b
+        } else {
+            self.budget_cache.load(Ordering::Relaxed)
+        }
     }
 
     /// Bytes held by this pool's spillable consumers.
@@ -266,13 +290,12 @@ impl GovernedMemoryPool {
         }
         // Overcommitted bytes are paid back first: once the consumer is under budget again the
         // metric should say so.
-        let paid = c
-            .overcommit
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |o| {
-                Some(o - o.min(bytes))
-            })
-            .map_or(0, |o| o.min(bytes));
-        if paid > 0 {
+        // Only the token mutex holder writes a consumer's overcommit, so load-then-store is
+        // exact, and the common case (no overcommit) costs one load.
+        let owed = c.overcommit.load(Ordering::Relaxed);
+        if owed > 0 {
+            let paid = owed.min(bytes);
+            c.overcommit.store(owed - paid, Ordering::Relaxed);
             self.overcommit.fetch_sub(paid, Ordering::Relaxed);
         }
     }
@@ -342,21 +365,24 @@ impl GovernedMemoryPool {
         additional: usize,
     ) -> Result<(), Denial> {
         let held = c.reserved();
-        let s = self.spill_share(held);
         // A consumer holding nothing has nothing to spill: a denial would fail its query (an
         // empty sort partition, a partial aggregate that has not started). So the policy never
         // refuses it; only the governor's hard limits can, and then it waits as below.
-        let entitled = held == 0 || held + additional <= s.per_consumer;
-        if !entitled {
-            // Work-conserving: above its share a spiller may still use memory nobody is
-            // waiting for, but never the unspillable headroom, and never while another
-            // consumer is starving (then it must spill and give memory back).
-            let contended = self.starving.load(Ordering::Relaxed) > 0;
-            if contended || self.spillable_reserved() + additional > s.spillable_budget {
-                return Err(Denial::FairShare {
-                    share: s.per_consumer,
-                    active: s.active,
-                });
+        if held > 0 {
+            let s = self.spill_share(held, false);
+            if held + additional > s.per_consumer {
+                // Work-conserving: above its share a spiller may still use memory nobody is
+                // waiting for, but never the unspillable headroom, and never while another
+                // consumer is starving (then it must spill and give memory back).
+                let s = self.spill_share(held, true);
+                let over_budget = self.spillable_reserved() + additional > s.spillable_budget;
+                let contended = self.starving.load(Ordering::Relaxed) > 0;
+                if held + additional > s.per_consumer && (contended || over_budget) {
+                    return Err(Denial::FairShare {
+                        share: s.per_consumer,
+                        active: s.active,
+                    });
+                }
             }
         }
         let first = match token.try_grow(additional) {
@@ -366,6 +392,8 @@ impl GovernedMemoryPool {
         // Entitled, but the memory is held by spillers above their shares: wait briefly for
         // them to spill (they are denied while we wait) instead of failing a consumer that
         // may have nothing to spill yet, like a sort partition that just started.
+        let s = self.spill_share(held, true);
+        let entitled = held == 0 || held + additional <= s.per_consumer;
         let others_over =
             self.spillable_reserved().saturating_sub(held) > s.per_consumer * (s.active - 1);
         if entitled && others_over && first.is_denial() {
