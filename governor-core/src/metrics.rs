@@ -118,9 +118,29 @@ impl GovernorSnapshot {
             engine: String,
             consumer: String,
         }
+        fn as_gauge(value: usize) -> i64 {
+            i64::try_from(value).unwrap_or(i64::MAX)
+        }
+        /// Engines worth a series: configured ones, and any that holds charged memory.
+        fn listed(
+            snapshot: &GovernorSnapshot,
+        ) -> impl Iterator<Item = (EngineLabel, &EngineSnapshot)> {
+            snapshot
+                .engines
+                .iter()
+                .filter(|e| e.configured || e.reserved > 0)
+                .map(|e| {
+                    (
+                        EngineLabel {
+                            engine: e.engine.to_string(),
+                        },
+                        e,
+                    )
+                })
+        }
         fn gauge(registry: &mut Registry, name: &str, help: &str, value: usize) {
             let g: Gauge = Gauge::default();
-            g.set(i64::try_from(value).unwrap_or(i64::MAX));
+            g.set(as_gauge(value));
             registry.register(name, help, g);
         }
         fn engine_gauge(
@@ -131,16 +151,8 @@ impl GovernorSnapshot {
             value: impl Fn(&EngineSnapshot) -> usize,
         ) {
             let family = Family::<EngineLabel, Gauge>::default();
-            for e in snapshot
-                .engines
-                .iter()
-                .filter(|e| e.configured || e.reserved > 0)
-            {
-                family
-                    .get_or_create(&EngineLabel {
-                        engine: e.engine.to_string(),
-                    })
-                    .set(i64::try_from(value(e)).unwrap_or(i64::MAX));
+            for (label, e) in listed(snapshot) {
+                family.get_or_create(&label).set(as_gauge(value(e)));
             }
             registry.register(name, help, family);
         }
@@ -152,16 +164,8 @@ impl GovernorSnapshot {
             value: impl Fn(&EngineSnapshot) -> u64,
         ) {
             let family = Family::<EngineLabel, Counter>::default();
-            for e in snapshot
-                .engines
-                .iter()
-                .filter(|e| e.configured || e.reserved > 0)
-            {
-                family
-                    .get_or_create(&EngineLabel {
-                        engine: e.engine.to_string(),
-                    })
-                    .inc_by(value(e));
+            for (label, e) in listed(snapshot) {
+                family.get_or_create(&label).inc_by(value(e));
             }
             registry.register(name, help, family);
         }
@@ -179,7 +183,7 @@ impl GovernorSnapshot {
                         engine: c.engine.to_string(),
                         consumer: c.name.clone(),
                     })
-                    .set(i64::try_from(value(c)).unwrap_or(i64::MAX));
+                    .set(as_gauge(value(c)));
             }
             registry.register(name, help, family);
         }

@@ -79,13 +79,7 @@ impl ReservationToken {
 
     /// Gives `bytes` back. Giving back more than the token holds is an error and changes nothing.
     pub fn shrink(&mut self, bytes: usize) -> Result<(), MemError> {
-        if bytes > self.size {
-            return Err(MemError::ShrinkBeyondHeld {
-                engine: self.engine,
-                requested: bytes,
-                held: self.size,
-            });
-        }
+        self.check_held(bytes)?;
         self.size -= bytes;
         self.governor.give_back(self.engine, bytes);
         Ok(())
@@ -102,13 +96,7 @@ impl ReservationToken {
 
     /// Moves `bytes` of this token into a new token of the same engine; the ledger is untouched.
     pub fn split(&mut self, bytes: usize) -> Result<ReservationToken, MemError> {
-        if bytes > self.size {
-            return Err(MemError::ShrinkBeyondHeld {
-                engine: self.engine,
-                requested: bytes,
-                held: self.size,
-            });
-        }
+        self.check_held(bytes)?;
         self.size -= bytes;
         Ok(ReservationToken::new(
             Arc::clone(&self.governor),
@@ -124,6 +112,18 @@ impl ReservationToken {
             return Err(other);
         }
         self.size += std::mem::take(&mut other.size);
+        Ok(())
+    }
+
+    /// Refuses to take more out of the token than it holds.
+    fn check_held(&self, bytes: usize) -> Result<(), MemError> {
+        if bytes > self.size {
+            return Err(MemError::ShrinkBeyondHeld {
+                engine: self.engine,
+                requested: bytes,
+                held: self.size,
+            });
+        }
         Ok(())
     }
 
