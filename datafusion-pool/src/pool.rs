@@ -229,7 +229,12 @@ impl GovernedMemoryPool {
     /// so a grant may rely on a figure up to `BUDGET_REFRESH` computations old; a denial is
     /// always re-checked with a `fresh` one, so staleness never refuses memory.
     fn budget(&self, fresh: bool) -> usize {
-        if fresh || self.budget_ticks.fetch_add(1, Ordering::Relaxed) % BUDGET_REFRESH == 0 {
+        if fresh
+            || self
+                .budget_ticks
+                .fetch_add(1, Ordering::Relaxed)
+                .is_multiple_of(BUDGET_REFRESH)
+        {
             let b = self.governor.reserved(ENGINE) + self.governor.available(ENGINE);
             self.budget_cache.store(b, Ordering::Relaxed);
             b
