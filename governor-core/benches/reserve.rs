@@ -56,7 +56,7 @@ fn single_thread(c: &mut Criterion) {
             drop(black_box(
                 g.try_reserve(EngineId::Query, black_box(BYTES))
                     .expect("room"),
-            ))
+            ));
         });
     });
     group.finish();

@@ -1,5 +1,6 @@
 //! The mixed workload: vector search + bulk timeseries ingest + SQL `GROUP BY` under one governor.
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -175,8 +176,9 @@ impl WorkloadReport {
             self.samples,
         );
         for (engine, limit, peak) in &self.engine_peaks {
-            s += &format!(
-                "  {engine:<10} peak {:>10} of limit {:>10}\n",
+            let _ = writeln!(
+                s,
+                "  {engine:<10} peak {:>10} of limit {:>10}",
                 human_bytes(*peak),
                 human_bytes(*limit)
             );
@@ -186,7 +188,7 @@ impl WorkloadReport {
         } else {
             s += "FAIL:\n";
             for f in &self.failures {
-                s += &format!("  - {f}\n");
+                let _ = writeln!(s, "  - {f}");
             }
         }
         s
@@ -419,7 +421,7 @@ fn insert_with_retry(
         match cache.insert(id, v, vector) {
             Ok(()) => return Ok(()),
             Err(e) if e.is_backpressure() && attempt < 199 => {
-                std::thread::sleep(Duration::from_millis(5))
+                std::thread::sleep(Duration::from_millis(5));
             }
             Err(e) => return Err(e.to_string()),
         }
@@ -582,7 +584,7 @@ async fn sql_group_by(
             let df = ctx.sql(sql).await?;
             df.collect().await
         };
-        let batches = tokio::time::timeout(Duration::from_secs(600), run)
+        let batches = tokio::time::timeout(Duration::from_mins(10), run)
             .await
             .map_err(|_| format!("query {q} timed out"))?
             .map_err(|e| format!("query {q}: {e}"))?;
