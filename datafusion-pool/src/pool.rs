@@ -269,9 +269,16 @@ impl GovernedMemoryPool {
     }
 
     /// Records `bytes` more held by `c` (its token already grew).
+    ///
+    /// Called with `c`'s token mutex held, like `released`: a consumer's own counters have one
+    /// writer at a time, so plain load/store is exact and cheaper than read-modify-write;
+    /// they are atomics only so that metrics can read them without the mutex.
     fn booked(&self, c: &Consumer, bytes: usize) {
-        let before = c.reserved.fetch_add(bytes, Ordering::Relaxed);
-        c.peak.fetch_max(before + bytes, Ordering::Relaxed);
+        let before = c.reserved.load(Ordering::Relaxed);
+        c.reserved.store(before + bytes, Ordering::Relaxed);
+        if before + bytes > c.peak.load(Ordering::Relaxed) {
+            c.peak.store(before + bytes, Ordering::Relaxed);
+        }
         self.reserved.fetch_add(bytes, Ordering::Relaxed);
         if c.can_spill {
             if before == 0 && bytes > 0 {
@@ -284,7 +291,8 @@ impl GovernedMemoryPool {
 
     /// Records `bytes` fewer held by `c` (its token already shrank).
     fn released(&self, c: &Consumer, bytes: usize) {
-        let before = c.reserved.fetch_sub(bytes, Ordering::Relaxed);
+        let before = c.reserved.load(Ordering::Relaxed);
+        c.reserved.store(before - bytes, Ordering::Relaxed);
         self.reserved.fetch_sub(bytes, Ordering::Relaxed);
         if c.can_spill {
             if before == bytes && bytes > 0 {
@@ -294,9 +302,7 @@ impl GovernedMemoryPool {
             self.unspillable.fetch_sub(bytes, Ordering::Relaxed);
         }
         // Overcommitted bytes are paid back first: once the consumer is under budget again the
-        // metric should say so.
-        // Only the token mutex holder writes a consumer's overcommit, so load-then-store is
-        // exact, and the common case (no overcommit) costs one load.
+        // metric should say so. The common case (no overcommit) costs one load.
         let owed = c.overcommit.load(Ordering::Relaxed);
         if owed > 0 {
             let paid = owed.min(bytes);
