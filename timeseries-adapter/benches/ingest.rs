@@ -26,10 +26,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use timeseries_adapter::gorilla::{Block, Encoder};
+use timeseries_adapter::gorilla::Encoder;
 use timeseries_adapter::{
-    FileSegmentFlusher, IngestError, Point, SegmentBatch, SegmentFlusher, SeriesId,
-    TimeseriesAdapter,
+    FileSegmentFlusher, IngestError, Point, SegmentFlusher, SeriesId, TimeseriesAdapter,
 };
 
 const SERIES: u64 = 100;
@@ -143,25 +142,7 @@ fn bench_ingest(c: &mut Criterion) {
 fn bench_flush(c: &mut Criterion) {
     let rt = runtime();
     let mib = 16usize;
-    let make = |id: u64| {
-        let blocks = (0..(mib * 2) as u64)
-            .map(|s| {
-                let words: Vec<u64> = (0..64 * 1024u64)
-                    .map(|i| common::mix(s << 32 | i))
-                    .collect();
-                let block = Block {
-                    bit_len: words.len() as u64 * 64,
-                    words,
-                    count: 1,
-                    first_ts: 0,
-                    last_ts: 0,
-                };
-                (SeriesId(s), block)
-            })
-            .collect();
-        Arc::new(SegmentBatch { id, blocks })
-    };
-    let batch = make(1);
+    let batch = common::incompressible_batch(1, mib);
     let mut g = c.benchmark_group("flush");
     g.throughput(Throughput::Bytes((mib << 20) as u64));
     g.sample_size(10);

@@ -9,35 +9,10 @@ mod common;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Instant;
 
-use timeseries_adapter::gorilla::Block;
 use timeseries_adapter::segment::resident_pages;
-use timeseries_adapter::{FileSegmentFlusher, SegmentBatch, SegmentFlusher, SeriesId};
-
-/// A batch of `mib` MiB of incompressible words (the segment writer copies bits, it does not
-/// care whether they decode; this keeps the debug-build test fast).
-fn batch(id: u64, mib: usize) -> Arc<SegmentBatch> {
-    let words_per_series = 64 * 1024; // 512 KiB
-    let series = mib * 2;
-    let blocks = (0..series as u64)
-        .map(|s| {
-            let words: Vec<u64> = (0..words_per_series as u64)
-                .map(|i| common::mix(s << 32 | i))
-                .collect();
-            let block = Block {
-                bit_len: words.len() as u64 * 64,
-                words,
-                count: 1,
-                first_ts: 0,
-                last_ts: 0,
-            };
-            (SeriesId(s), block)
-        })
-        .collect();
-    Arc::new(SegmentBatch { id, blocks })
-}
+use timeseries_adapter::{FileSegmentFlusher, SegmentFlusher, SeriesId};
 
 fn fraction(path: &Path) -> f64 {
     let (resident, total) = resident_pages(path).unwrap();
@@ -67,8 +42,14 @@ async fn flushed_segments_leave_the_page_cache() {
         .unwrap()
         .drop_page_cache(false);
 
-    let with = clean.write_segment(batch(1, mib)).await.unwrap();
-    let without = dirty.write_segment(batch(2, mib)).await.unwrap();
+    let with = clean
+        .write_segment(common::incompressible_batch(1, mib))
+        .await
+        .unwrap();
+    let without = dirty
+        .write_segment(common::incompressible_batch(2, mib))
+        .await
+        .unwrap();
     assert!(with.file_len >= (mib as u64) << 20);
     let (f_with, f_without) = (fraction(&with.path), fraction(&without.path));
     eprintln!(
@@ -116,7 +97,10 @@ async fn flush_rate_cap_is_respected() {
         .write_chunk(256 * 1024)
         .rate_limit(cap);
     let t = Instant::now();
-    let meta = flusher.write_segment(batch(1, 4)).await.unwrap();
+    let meta = flusher
+        .write_segment(common::incompressible_batch(1, 4))
+        .await
+        .unwrap();
     let elapsed = t.elapsed().as_secs_f64();
     // The first chunk goes at once; the rest is paced.
     let floor = (meta.file_len - 256 * 1024) as f64 / cap as f64;

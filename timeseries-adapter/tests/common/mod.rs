@@ -151,3 +151,26 @@ pub fn assert_bit_eq(series: SeriesId, got: &[Point], want: &[Point]) {
         );
     }
 }
+
+/// A batch of `mib` MiB of incompressible words (the segment writer copies bits, it does not
+/// care whether they decode; this keeps the debug-build test fast).
+pub fn incompressible_batch(id: u64, mib: usize) -> Arc<SegmentBatch> {
+    let words_per_series = 64 * 1024; // 512 KiB
+    let series = mib * 2;
+    let blocks = (0..series as u64)
+        .map(|s| {
+            let words: Vec<u64> = (0..words_per_series as u64)
+                .map(|i| mix(s << 32 | i))
+                .collect();
+            let block = Block {
+                bit_len: words.len() as u64 * 64,
+                words,
+                count: 1,
+                first_ts: 0,
+                last_ts: 0,
+            };
+            (SeriesId(s), block)
+        })
+        .collect();
+    Arc::new(SegmentBatch { id, blocks })
+}
