@@ -26,6 +26,21 @@ fn governor(threads: usize) -> Arc<MemoryGovernor> {
     MemoryGovernor::new(config).expect("governor")
 }
 
+/// As [`governor`], with a NUMA sub-ceiling on every node of this machine (node 0 and 1 are
+/// enough here: threads count against the node of their CPU), to price the per-node counter.
+fn governor_with_node_ceilings(threads: usize) -> Arc<MemoryGovernor> {
+    let config = GovernorConfig::builder()
+        .global_ceiling(gib(8))
+        .engine(EngineId::Query, EngineBudget::new(gib(4)))
+        .engine(EngineId::Vector, EngineBudget::new(gib(4)))
+        .numa_node_ceiling(0, gib(4))
+        .numa_node_ceiling(1, gib(4))
+        .reservation_shards(threads.next_power_of_two())
+        .build()
+        .expect("valid config");
+    MemoryGovernor::new(config).expect("governor")
+}
+
 fn single_thread(c: &mut Criterion) {
     let mut group = c.benchmark_group("reserve_1_thread");
     let atomic = AtomicUsize::new(0);
@@ -55,6 +70,15 @@ fn single_thread(c: &mut Criterion) {
         b.iter(|| {
             drop(black_box(
                 g.try_reserve(EngineId::Query, black_box(BYTES))
+                    .expect("room"),
+            ));
+        });
+    });
+    let numa = governor_with_node_ceilings(1);
+    group.bench_function("governor_try_reserve_drop_numa_ceilings", |b| {
+        b.iter(|| {
+            drop(black_box(
+                numa.try_reserve(EngineId::Query, black_box(BYTES))
                     .expect("room"),
             ));
         });
@@ -125,6 +149,17 @@ fn many_threads(c: &mut Criterion) {
                 contended(threads, iters, &|| {
                     drop(black_box(
                         g.try_reserve(EngineId::Query, black_box(BYTES))
+                            .expect("room"),
+                    ));
+                })
+            });
+        });
+        let numa = governor_with_node_ceilings(threads);
+        group.bench_function("governor_try_reserve_drop_numa_ceilings", |b| {
+            b.iter_custom(|iters| {
+                contended(threads, iters, &|| {
+                    drop(black_box(
+                        numa.try_reserve(EngineId::Query, black_box(BYTES))
                             .expect("room"),
                     ));
                 })

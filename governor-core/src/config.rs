@@ -93,6 +93,8 @@ pub struct GovernorConfig {
     pub(crate) thresholds: PressureThresholds,
     pub(crate) reclaim_timeout: Duration,
     pub(crate) shards: usize,
+    /// `(node, bytes)`, sorted by node; empty when NUMA nodes are not bounded.
+    pub(crate) node_ceilings: Vec<(usize, usize)>,
 }
 
 impl GovernorConfig {
@@ -125,6 +127,11 @@ impl GovernorConfig {
     pub fn reservation_shards(&self) -> usize {
         self.shards
     }
+
+    /// Per-NUMA-node sub-ceilings `(node OS index, bytes)`, by node; empty when none are set.
+    pub fn numa_node_ceilings(&self) -> &[(usize, usize)] {
+        &self.node_ceilings
+    }
 }
 
 /// Builder for [`GovernorConfig`]; invalid settings fail at [`build`](Self::build).
@@ -135,6 +142,7 @@ pub struct GovernorConfigBuilder {
     thresholds: Option<PressureThresholds>,
     reclaim_timeout: Option<Duration>,
     shards: Option<usize>,
+    node_ceilings: Vec<(usize, usize)>,
 }
 
 /// The reclaim timeout used when none is configured.
@@ -142,6 +150,9 @@ pub const DEFAULT_RECLAIM_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Largest number of admission shards per engine.
 pub const MAX_SHARDS: usize = 64;
+
+/// NUMA node OS indexes must be below this (Linux's own `MAX_NUMNODES` is at most 1024).
+pub const MAX_NUMA_NODES: usize = 1024;
 
 impl GovernorConfigBuilder {
     /// The process-wide ceiling in bytes: the sum of all reservations never exceeds it.
@@ -173,11 +184,38 @@ impl GovernorConfigBuilder {
     }
 
     /// Number of admission shards per engine (default: the machine's parallelism, rounded up to
-    /// a power of two, at most 64). One shard gives exact per-call accounting at the cost of
-    /// contention on a single atomic; see the `ledger` module.
+    /// a power of two, at most 64); other counts are rounded up to a power of two. One shard
+    /// gives exact per-call accounting at the cost of contention on a single atomic; see the
+    /// `ledger` module.
     #[must_use]
     pub fn reservation_shards(mut self, shards: usize) -> Self {
         self.shards = Some(shards);
+        self
+    }
+
+    /// Bounds what all engines together may hold on NUMA node `node` (its OS index) to
+    /// `bytes`, within the global ceiling. A reservation counts against the node of the thread
+    /// that makes it (see [`thread_numa_node`](crate::thread_numa_node)) or the node named in
+    /// [`MemoryGovernor::try_reserve_on_node`](crate::MemoryGovernor::try_reserve_on_node).
+    /// Nodes without a sub-ceiling are bounded by the global ceiling only. The sub-ceilings
+    /// must add up to at most the ceiling.
+    ///
+    /// Costs one more atomic operation per admission and release, on a counter shared by the
+    /// node's threads, so leave it unset on machines with one node.
+    #[must_use]
+    pub fn numa_node_ceiling(mut self, node: usize, bytes: usize) -> Self {
+        self.node_ceilings.push((node, bytes));
+        self
+    }
+
+    /// Every sub-ceiling of `ceilings` (for example [`NumaCeilings::proportional`]), as
+    /// [`numa_node_ceiling`](Self::numa_node_ceiling) for each node.
+    ///
+    /// [`NumaCeilings::proportional`]: crate::numa::NumaCeilings::proportional
+    #[cfg(feature = "numa")]
+    #[must_use]
+    pub fn numa_ceilings(mut self, ceilings: &crate::numa::NumaCeilings) -> Self {
+        self.node_ceilings.extend(ceilings.iter());
         self
     }
 
@@ -248,17 +286,64 @@ impl GovernorConfigBuilder {
                     format!("{n} shards is more than the maximum of {MAX_SHARDS}"),
                 ));
             }
-            Some(n) => n,
+            // A power of two lets the hot path pick a shard with a mask instead of a division.
+            Some(n) => n.next_power_of_two(),
             None => default_shards(),
         };
+        let node_ceilings = validate_node_ceilings(self.node_ceilings, ceiling)?;
         Ok(GovernorConfig {
             ceiling,
             engines,
             thresholds,
             reclaim_timeout,
             shards,
+            node_ceilings,
         })
     }
+}
+
+/// Checks the NUMA sub-ceilings and returns them sorted by node.
+fn validate_node_ceilings(
+    mut nodes: Vec<(usize, usize)>,
+    ceiling: usize,
+) -> Result<Vec<(usize, usize)>, MemError> {
+    nodes.sort_unstable();
+    for pair in nodes.windows(2) {
+        if pair[0].0 == pair[1].0 {
+            return Err(MemError::config(
+                format!("numa_node_ceiling({})", pair[0].0),
+                "the node is given a sub-ceiling twice; give each node one",
+            ));
+        }
+    }
+    let mut sum: usize = 0;
+    for &(node, bytes) in &nodes {
+        let field = format!("numa_node_ceiling({node})");
+        if node >= MAX_NUMA_NODES {
+            return Err(MemError::config(
+                field,
+                format!("node {node} is not a NUMA node index (they are below {MAX_NUMA_NODES})"),
+            ));
+        }
+        if bytes == 0 {
+            return Err(MemError::config(
+                field,
+                "a 0-byte sub-ceiling would refuse every reservation on the node; leave the node out to bound it by the global ceiling only",
+            ));
+        }
+        sum = sum.saturating_add(bytes);
+    }
+    if sum > ceiling {
+        return Err(MemError::config(
+            "numa_node_ceiling",
+            format!(
+                "the node sub-ceilings add up to {} but the global ceiling is {}; lower them so they fit inside it",
+                human_bytes(sum),
+                human_bytes(ceiling)
+            ),
+        ));
+    }
+    Ok(nodes)
 }
 
 /// Checks one engine's budget against the ceiling; shared by `build()` and run-time updates.
@@ -423,5 +508,46 @@ mod tests {
             ),
             "reservation_shards"
         );
+    }
+
+    #[test]
+    fn numa_node_ceilings_are_validated() {
+        let q = EngineId::Query;
+        let base = || {
+            GovernorConfig::builder()
+                .global_ceiling(mib(100))
+                .engine(q, EngineBudget::new(mib(50)))
+        };
+        let field = |b: GovernorConfigBuilder| field_of(b.build().unwrap_err());
+        assert_eq!(
+            field(
+                base()
+                    .numa_node_ceiling(1, mib(10))
+                    .numa_node_ceiling(1, mib(10))
+            ),
+            "numa_node_ceiling(1)"
+        );
+        assert_eq!(
+            field(base().numa_node_ceiling(0, 0)),
+            "numa_node_ceiling(0)"
+        );
+        assert_eq!(
+            field(base().numa_node_ceiling(MAX_NUMA_NODES, 1)),
+            format!("numa_node_ceiling({MAX_NUMA_NODES})")
+        );
+        assert_eq!(
+            field(
+                base()
+                    .numa_node_ceiling(0, mib(60))
+                    .numa_node_ceiling(1, mib(41))
+            ),
+            "numa_node_ceiling"
+        );
+        let config = base()
+            .numa_node_ceiling(1, mib(40))
+            .numa_node_ceiling(0, mib(60))
+            .build()
+            .unwrap();
+        assert_eq!(config.numa_node_ceilings(), &[(0, mib(60)), (1, mib(40))]);
     }
 }

@@ -51,6 +51,25 @@ pub enum MemError {
         /// The engine's limit.
         limit: usize,
     },
+    /// A NUMA node's sub-ceiling would be exceeded (see
+    /// [`GovernorConfigBuilder::numa_node_ceiling`](crate::GovernorConfigBuilder::numa_node_ceiling)).
+    #[error(
+        "NUMA node {node} sub-ceiling reached: {engine} asked for {} but {} of the node's {} are held; \
+         free memory on this node, run the work on another node, or raise the node's sub-ceiling",
+        human_bytes(*requested), human_bytes(*reserved), human_bytes(*ceiling)
+    )]
+    NodeCeilingExceeded {
+        /// The engine that asked.
+        engine: EngineId,
+        /// The node (OS index) the reservation was for.
+        node: usize,
+        /// Bytes asked for.
+        requested: usize,
+        /// Bytes all engines held on the node when it asked.
+        reserved: usize,
+        /// The node's sub-ceiling.
+        ceiling: usize,
+    },
     /// The process-wide ceiling would be exceeded.
     #[error(
         "global memory ceiling reached: {engine} asked for {} but {} of the {} ceiling is already taken; \
@@ -144,12 +163,14 @@ impl MemError {
         }
     }
 
-    /// True for the two admission denials (engine limit or global ceiling): the caller may spill
-    /// and retry, as opposed to a malformed request.
+    /// True for the admission denials (engine limit, NUMA node sub-ceiling or global
+    /// ceiling): the caller may spill and retry, as opposed to a malformed request.
     pub fn is_denial(&self) -> bool {
         matches!(
             self,
-            MemError::BudgetExhausted { .. } | MemError::GlobalCeilingExceeded { .. }
+            MemError::BudgetExhausted { .. }
+                | MemError::NodeCeilingExceeded { .. }
+                | MemError::GlobalCeilingExceeded { .. }
         )
     }
 }

@@ -1,31 +1,20 @@
 //! [`MemoryGovernor`]: the public face of the ledger, with errors, pressure, waiting and events.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
+use crate::books::Books;
 use crate::config::{EngineBudget, GovernorConfig, validate_budget};
 use crate::engine::{EngineId, human_bytes};
 use crate::error::{Holders, MemError};
-use crate::ledger::{Denial, EngineLedger, Ledger};
+use crate::ledger::{EngineLedger, Ledger};
 use crate::metrics::StatsRegistry;
-use crate::pressure::{PressureLevel, PressureSignal};
+use crate::pressure::PressureLevel;
 use crate::reclaim::ReclaimRegistry;
 use crate::reservation::ReservationToken;
-
-/// Counters kept per engine for metrics; touched only on slow paths.
-#[derive(Debug, Default)]
-pub(crate) struct EngineCounters {
-    pub(crate) rejections: AtomicU64,
-    pub(crate) reclaim_requests: AtomicU64,
-    pub(crate) reclaimed_bytes: AtomicU64,
-    pub(crate) reclaim_failures: AtomicU64,
-    pub(crate) forced_bytes: AtomicU64,
-    /// Bytes async `reserve` calls of this engine are waiting for right now (demand signal).
-    pub(crate) waiting_bytes: AtomicUsize,
-}
 
 /// The memory governor: per-engine budgets under one global ceiling.
 ///
@@ -39,39 +28,12 @@ pub(crate) struct EngineCounters {
 /// admission decision made after that point sees them; and a reservation that succeeds because
 /// another token was dropped happens-after that drop.
 pub struct MemoryGovernor {
-    config: GovernorConfig,
-    configured: [bool; EngineId::COUNT],
-    pub(crate) ledger: Ledger,
-    pub(crate) counters: [EngineCounters; EngineId::COUNT],
-    pub(crate) global_rejections: AtomicU64,
-    engine_pressure: [PressureSignal; EngineId::COUNT],
-    global_pressure: PressureSignal,
-    released: Notify,
+    /// What tokens keep alive (see the `books` module).
+    pub(crate) books: Arc<Books>,
     pub(crate) reclaimers: ReclaimRegistry,
     pub(crate) consumer_stats: StatsRegistry,
     pub(crate) runtime: OnceLock<tokio::runtime::Runtime>,
     config_changes: parking_lot::Mutex<()>,
-}
-
-static NEXT_THREAD_SHARD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-thread_local! {
-    /// Each thread gets its own shard index, round-robin, on first use. A `const` cell keeps
-    /// the lookup to one TLS read on the hot path (no lazy-init check).
-    static THREAD_SHARD: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
-}
-
-fn thread_shard() -> usize {
-    THREAD_SHARD.with(|s| {
-        let shard = s.get();
-        if shard == usize::MAX {
-            let assigned = NEXT_THREAD_SHARD.fetch_add(1, Ordering::Relaxed);
-            s.set(assigned);
-            assigned
-        } else {
-            shard
-        }
-    })
 }
 
 impl MemoryGovernor {
@@ -93,49 +55,31 @@ impl MemoryGovernor {
     /// # Ok::<(), governor_core::MemError>(())
     /// ```
     pub fn new(config: GovernorConfig) -> Result<Arc<Self>, MemError> {
-        let budgets: Vec<(usize, usize)> = config
-            .engines
-            .iter()
-            .map(|b| b.map_or((0, 0), |b| (b.limit(), b.floor())))
-            .collect();
-        let ledger = Ledger::new(config.ceiling, &budgets, config.shards);
-        let configured = std::array::from_fn(|i| config.engines[i].is_some());
-        Ok(Arc::new(Self {
-            configured,
-            ledger,
-            counters: Default::default(),
-            global_rejections: AtomicU64::new(0),
-            engine_pressure: std::array::from_fn(|_| PressureSignal::new()),
-            global_pressure: PressureSignal::new(),
-            released: Notify::new(),
+        Ok(Arc::new_cyclic(|owner| Self {
+            books: Arc::new(Books::new(config, owner.clone())),
             reclaimers: ReclaimRegistry::default(),
             consumer_stats: StatsRegistry::default(),
             runtime: OnceLock::new(),
             config_changes: parking_lot::Mutex::new(()),
-            config,
         }))
     }
 
     /// The configuration this governor was built with (limits and floors as at start-up).
     pub fn config(&self) -> &GovernorConfig {
-        &self.config
+        &self.books.config
     }
 
     /// True when `engine` has a budget.
     pub fn is_configured(&self, engine: EngineId) -> bool {
-        self.configured[engine.index()]
+        self.books.configured[engine.index()]
     }
 
     pub(crate) fn row(&self, engine: EngineId) -> &EngineLedger {
-        self.ledger.engine(engine.index())
+        self.books.row(engine)
     }
 
     fn configured_row(&self, engine: EngineId) -> Result<&EngineLedger, MemError> {
-        if self.configured[engine.index()] {
-            Ok(self.row(engine))
-        } else {
-            Err(MemError::UnknownEngine { engine })
-        }
+        self.books.configured_row(engine)
     }
 
     /// Reserves `bytes` for `engine` now, or says why not. Never blocks.
@@ -149,8 +93,32 @@ impl MemoryGovernor {
         engine: EngineId,
         bytes: usize,
     ) -> Result<ReservationToken, MemError> {
-        self.admit(engine, bytes)?;
-        Ok(ReservationToken::new(Arc::clone(self), engine, bytes))
+        self.books
+            .new_token(engine, self.books.node_for(None), bytes)
+    }
+
+    /// As [`try_reserve`](Self::try_reserve), for memory that will live on NUMA node `node`
+    /// (its OS index) whichever thread asks: for callers that place memory themselves. Without
+    /// node sub-ceilings in the configuration this is `try_reserve`.
+    ///
+    /// Fails with [`MemError::NodeCeilingExceeded`] when the node's sub-ceiling would be
+    /// exceeded, besides the denials of `try_reserve`.
+    pub fn try_reserve_on_node(
+        self: &Arc<Self>,
+        engine: EngineId,
+        node: usize,
+        bytes: usize,
+    ) -> Result<ReservationToken, MemError> {
+        self.books
+            .new_token(engine, self.books.node_for(Some(node)), bytes)
+    }
+
+    /// Bytes all engines hold on NUMA node `node`, and its sub-ceiling; `None` when the
+    /// configuration does not bound that node's row (see
+    /// [`GovernorConfigBuilder::numa_node_ceiling`](crate::GovernorConfigBuilder::numa_node_ceiling)).
+    pub fn numa_node_usage(&self, node: usize) -> Option<(usize, usize)> {
+        let nodes = self.books.nodes.as_ref().filter(|n| n.tracks(node))?;
+        Some((nodes.held(node), nodes.ceiling(node)))
     }
 
     /// Reserves `bytes` for `engine`, waiting up to `timeout` for memory to be released or
@@ -180,7 +148,7 @@ impl MemoryGovernor {
         let _waiter = WaiterGuard::new(self, engine, bytes);
         let mut asked_reclaim = false;
         loop {
-            let notified = self.released.notified();
+            let notified = self.books.released.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let last = match self.try_reserve(engine, bytes) {
@@ -243,101 +211,18 @@ impl MemoryGovernor {
     /// past its limit or the process past its ceiling, the excess shows as overcommit, pressure
     /// rises, and every new admission is denied until it is paid back.
     pub fn charge(self: &Arc<Self>, engine: EngineId, bytes: usize) -> ReservationToken {
-        self.book_resident(engine, bytes);
-        ReservationToken::new(Arc::clone(self), engine, bytes)
-    }
-
-    pub(crate) fn admit(&self, engine: EngineId, bytes: usize) -> Result<(), MemError> {
-        let row = self.configured_row(engine)?;
-        match self.ledger.reserve(row, thread_shard(), bytes) {
-            Ok(moved) => {
-                if moved {
-                    self.refresh_pressure(engine);
-                }
-                Ok(())
-            }
-            Err(denial) => Err(self.deny(engine, bytes, denial)),
-        }
-    }
-
-    pub(crate) fn book_resident(&self, engine: EngineId, bytes: usize) {
-        if bytes == 0 {
-            return;
-        }
-        self.ledger.charge(self.row(engine), bytes);
-        self.counters[engine.index()]
-            .forced_bytes
-            .fetch_add(bytes as u64, Ordering::Relaxed);
-        let row = self.row(engine);
-        if row.granted() > row.limit() {
-            tracing::warn!(%engine, bytes, granted = row.granted(), limit = row.limit(), "resident memory booked past the engine limit (overcommit)");
-        }
-        self.refresh_pressure(engine);
-    }
-
-    pub(crate) fn give_back(&self, engine: EngineId, bytes: usize) {
-        if self.ledger.release(self.row(engine), thread_shard(), bytes) {
-            self.refresh_pressure(engine);
-        }
-        if self.ledger.has_waiters() {
-            self.released.notify_waiters();
-        }
-    }
-
-    fn deny(&self, engine: EngineId, requested: usize, denial: Denial) -> MemError {
-        self.counters[engine.index()]
-            .rejections
-            .fetch_add(1, Ordering::Relaxed);
-        let reserved = self.reserved(engine);
-        let err = match denial {
-            Denial::Limit { limit, .. } => MemError::BudgetExhausted {
-                engine,
-                requested,
-                available: limit.saturating_sub(reserved),
-                reserved,
-                limit,
-            },
-            Denial::Ceiling { .. } => {
-                self.global_rejections.fetch_add(1, Ordering::Relaxed);
-                MemError::GlobalCeilingExceeded {
-                    engine,
-                    requested,
-                    reserved: self.global_reserved() + self.untracked(),
-                    ceiling: self.ceiling(),
-                    top_holders: self.top_holders(),
-                    untracked: self.untracked(),
-                }
-            }
-        };
-        tracing::warn!(%engine, requested, reserved, limit = self.limit(engine), global = self.ledger.global(), ceiling = self.ceiling(), error = %err, "memory reservation denied");
-        err
+        let node = self.books.node_for(None);
+        self.books.book_resident(engine, node, bytes);
+        ReservationToken::new(self.books.handle_for(engine), engine, node, bytes)
     }
 
     /// Engines holding memory, largest first.
     pub fn top_holders(&self) -> Holders {
-        let mut holders: Vec<(EngineId, usize)> = EngineId::ALL
-            .iter()
-            .map(|&e| (e, self.reserved(e)))
-            .filter(|&(_, bytes)| bytes > 0)
-            .collect();
-        holders.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-        Holders(holders)
+        self.books.top_holders()
     }
 
-    fn refresh_pressure(&self, engine: EngineId) {
-        let row = self.row(engine);
-        let thresholds = self.config.thresholds;
-        if self.configured[engine.index()] {
-            let level = PressureLevel::from_utilization(row.granted(), row.limit(), &thresholds);
-            if let Some(previous) = self.engine_pressure[engine.index()].publish(level) {
-                tracing::info!(%engine, from = %previous, to = %level, granted = row.granted(), limit = row.limit(), "engine pressure changed");
-            }
-        }
-        let level =
-            PressureLevel::from_utilization(self.ledger.global(), self.ceiling(), &thresholds);
-        if let Some(previous) = self.global_pressure.publish(level) {
-            tracing::info!(from = %previous, to = %level, global = self.ledger.global(), ceiling = self.ceiling(), "global pressure changed");
-        }
+    pub(crate) fn refresh_pressure(&self, engine: EngineId) {
+        self.books.refresh_pressure(engine);
     }
 
     /// Bytes held by live tokens of `engine`.
@@ -369,7 +254,7 @@ impl MemoryGovernor {
     /// Bytes a `try_reserve` of `engine` could get right now: the smaller of the engine's room
     /// under its limit and the room under the ceiling.
     pub fn available(&self, engine: EngineId) -> usize {
-        if !self.configured[engine.index()] {
+        if !self.is_configured(engine) {
             return 0;
         }
         let engine_room = self.limit(engine).saturating_sub(self.reserved(engine));
@@ -381,52 +266,45 @@ impl MemoryGovernor {
 
     /// Bytes held by live tokens of all engines (untracked memory excluded).
     pub fn global_reserved(&self) -> usize {
-        EngineId::ALL.iter().map(|&e| self.reserved(e)).sum()
+        self.books.global_reserved()
     }
 
     /// The global ceiling.
     pub fn ceiling(&self) -> usize {
-        self.ledger.ceiling()
+        self.books.ceiling()
     }
 
     /// Untracked memory currently charged against the ceiling (see [`set_untracked`](Self::set_untracked)).
     pub fn untracked(&self) -> usize {
-        self.ledger.untracked()
+        self.books.untracked()
     }
 
     /// Charges `bytes` of memory the process holds outside any reservation against the
     /// ceiling, replacing the previous figure; the room left for reservations shrinks by it.
     /// The RSS monitor calls this; the figure is a fact and is not refused.
     pub fn set_untracked(&self, bytes: usize) {
-        self.ledger.set_untracked(bytes);
-        let level = PressureLevel::from_utilization(
-            self.ledger.global(),
-            self.ceiling(),
-            &self.config.thresholds,
-        );
-        if let Some(previous) = self.global_pressure.publish(level) {
-            tracing::info!(from = %previous, to = %level, untracked = bytes, "global pressure changed");
-        }
+        self.books.ledger.set_untracked(bytes);
+        self.books.refresh_global_pressure();
     }
 
     /// The engine's pressure level (by its grant against its limit).
     pub fn engine_pressure(&self, engine: EngineId) -> PressureLevel {
-        self.engine_pressure[engine.index()].level()
+        self.books.engine_pressure[engine.index()].level()
     }
 
     /// The process's pressure level (everything counted against the ceiling).
     pub fn global_pressure(&self) -> PressureLevel {
-        self.global_pressure.level()
+        self.books.global_pressure.level()
     }
 
     /// A receiver that sees every change of `engine`'s pressure level.
     pub fn subscribe_pressure(&self, engine: EngineId) -> watch::Receiver<PressureLevel> {
-        self.engine_pressure[engine.index()].subscribe()
+        self.books.engine_pressure[engine.index()].subscribe()
     }
 
     /// A receiver that sees every change of the global pressure level.
     pub fn subscribe_global_pressure(&self) -> watch::Receiver<PressureLevel> {
-        self.global_pressure.subscribe()
+        self.books.global_pressure.subscribe()
     }
 
     /// Changes `engine`'s limit at run time. The new limit must keep the invariants: at least
@@ -440,7 +318,7 @@ impl MemoryGovernor {
             EngineBudget::new(bytes).with_floor(row.floor()),
             self.ceiling(),
         )?;
-        self.ledger.set_limit(row, bytes).map_err(|held| {
+        self.books.ledger.set_limit(row, bytes).map_err(|held| {
             MemError::config(
                 format!("engine({engine}).limit"),
                 format!(
@@ -506,6 +384,14 @@ impl MemoryGovernor {
 
 impl Drop for MemoryGovernor {
     fn drop(&mut self) {
+        // Tokens may outlive the governor; the counts of the books parked in the shards'
+        // stashes must not. After `close` no shard takes a handle, so each token still alive
+        // releases its own count.
+        for _ in 0..self.books.ledger.close() {
+            // SAFETY: each stashed handle is one strong count of `self.books`, taken out of the
+            // stash exactly once by `close`; `self.books` keeps the books alive meanwhile.
+            unsafe { Arc::decrement_strong_count(Arc::as_ptr(&self.books)) };
+        }
         if let Some(runtime) = self.runtime.take() {
             // Dropping a runtime inside another runtime's context panics; this never blocks.
             runtime.shutdown_background();
@@ -532,12 +418,12 @@ struct WaiterGuard<'a> {
 
 impl<'a> WaiterGuard<'a> {
     fn new(governor: &'a MemoryGovernor, engine: EngineId, bytes: usize) -> Self {
-        governor.ledger.add_waiter();
-        governor.counters[engine.index()]
+        governor.books.ledger.add_waiter();
+        governor.books.counters[engine.index()]
             .waiting_bytes
             .fetch_add(bytes, Ordering::AcqRel);
         // Idle credit parked in shards would otherwise hide freed memory from us.
-        governor.ledger.drain_all();
+        governor.books.ledger.drain_all();
         Self {
             governor,
             engine,
@@ -548,9 +434,9 @@ impl<'a> WaiterGuard<'a> {
 
 impl Drop for WaiterGuard<'_> {
     fn drop(&mut self) {
-        self.governor.counters[self.engine.index()]
+        self.governor.books.counters[self.engine.index()]
             .waiting_bytes
             .fetch_sub(self.bytes, Ordering::AcqRel);
-        self.governor.ledger.remove_waiter();
+        self.governor.books.ledger.remove_waiter();
     }
 }

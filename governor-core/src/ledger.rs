@@ -40,8 +40,120 @@
 //! `charge` (memory already resident) raises both counters unchecked: it is a fact, not a
 //! request. It can push an engine past its limit; then every admission is denied until the
 //! overcommit is paid back.
+//!
+//! # Token handles ride in the shard word
+//!
+//! A token must keep the governor's books alive, which with a plain `Arc` costs two more
+//! atomic operations per token on one reference count that every thread shares. Instead, each
+//! shard word also holds a small *stash of handles* (counts of the books' `Arc` owned by the
+//! stash rather than by a token):
+//!
+//! ```text
+//!   bit 63     bits 46..61         bits 0..45
+//!   CLOSED  │  stashed handles  │  credit (bytes)
+//! ```
+//!
+//! Creating a token takes its bytes *and* a handle in the one CAS it already makes; dropping a
+//! token returns both in one CAS. Only when a stash is empty (or full, [`STASH_MAX`]) does the
+//! caller touch the shared count. When the governor closes, [`Ledger::close`] sets `CLOSED` in
+//! every shard and takes the stashed handles for the caller to drop; a closed shard refuses
+//! handles, so every handle is dropped exactly once: by the closer, or by the token that owns
+//! it. Because the stash happens in the same single-location RMW as the `CLOSED` check, there
+//! is no window in which a handle is stashed after the closer looked. A thread that stashed its
+//! handle no longer owns a count and does not touch the ledger again.
 
 use crate::loom::{AtomicIsize, AtomicUsize, CachePadded, Ordering};
+
+#[cfg(not(target_pointer_width = "64"))]
+compile_error!("governor-core packs credit and handles into one 64-bit shard word");
+
+/// Bits of a shard word that hold idle credit, in bytes (64 TiB).
+const CREDIT_BITS: u32 = 46;
+const CREDIT: usize = (1 << CREDIT_BITS) - 1;
+/// One stashed handle.
+const HANDLE: usize = 1 << CREDIT_BITS;
+const HANDLES: usize = 0xFFFF << CREDIT_BITS;
+/// Set by [`Ledger::close`]: the shard takes no more handles.
+const CLOSED: usize = 1 << 63;
+/// Handles a shard stashes at most; past it a dropped token releases its count itself. Far
+/// below the field's 65 535, so concurrent stashers cannot overflow it.
+pub(crate) const STASH_MAX: usize = 1024;
+/// Releases at least this big bypass the shard word so that credit can never overflow its bits.
+const LARGE_RELEASE: usize = CREDIT >> 2;
+
+fn credit_of(word: usize) -> usize {
+    word & CREDIT
+}
+
+fn handles_of(word: usize) -> usize {
+    (word & HANDLES) >> CREDIT_BITS
+}
+
+/// A release worked out by [`Ledger::plan_release`]; [`apply`](Self::apply) performs it.
+///
+/// The split exists for the handle: the step that may stash it must be the last thing the
+/// releasing thread does with the books, and must run in a frame that holds nothing of the
+/// books but the shard's atomic (the same discipline as `Arc::drop`), because another thread
+/// may free the books the moment the handle is in the stash.
+#[derive(Debug)]
+pub(crate) struct ReleasePlan<'a> {
+    word: &'a AtomicUsize,
+    bytes: usize,
+    keep: usize,
+    quantum: usize,
+    strict: bool,
+    handle: bool,
+    moved: bool,
+}
+
+/// What [`ReleasePlan::apply`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Applied {
+    /// The engine and global counters moved, or must move by `trimmed` (pressure may change).
+    pub(crate) moved: bool,
+    /// Credit taken off the shard that the caller must hand back with [`Ledger::ungrant`].
+    pub(crate) trimmed: usize,
+    /// The handle went into the stash: the caller no longer owns a count of the books and must
+    /// not touch them again. Never true when `trimmed > 0` or when a waiter may need waking.
+    pub(crate) handle_stashed: bool,
+}
+
+impl ReleasePlan<'_> {
+    /// One CAS on the shard word: add the bytes to the credit, trim the credit to what the
+    /// shard may keep, and stash the handle if nothing else is left to do.
+    #[inline]
+    pub(crate) fn apply(self) -> Applied {
+        let Self {
+            word,
+            bytes,
+            keep,
+            quantum,
+            strict,
+            handle,
+            moved,
+        } = self;
+        let mut applied = Applied {
+            moved,
+            trimmed: 0,
+            handle_stashed: false,
+        };
+        if bytes == 0 && !handle {
+            return applied;
+        }
+        let _ = word.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+            let now = credit_of(w) + bytes;
+            let trim = now > keep && (now > 2 * quantum || keep == 0);
+            applied.trimmed = if trim { now - keep } else { 0 };
+            applied.handle_stashed =
+                handle && !trim && !strict && w & CLOSED == 0 && handles_of(w) < STASH_MAX;
+            let credit = if trim { keep } else { now };
+            let stashed = if applied.handle_stashed { HANDLE } else { 0 };
+            Some((w & !CREDIT) + credit + stashed)
+        });
+        applied.moved |= applied.trimmed > 0;
+        applied
+    }
+}
 
 /// Why the ledger refused a grant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,12 +203,29 @@ impl EngineLedger {
     /// Bytes held by live tokens. Exact when no operation is in flight; a concurrent reader may
     /// see a value off by the bytes of the operations in flight.
     pub(crate) fn reserved(&self) -> usize {
-        let credit: usize = self.shards.iter().map(|s| s.load(Ordering::Acquire)).sum();
+        let credit: usize = self
+            .shards
+            .iter()
+            .map(|s| credit_of(s.load(Ordering::Acquire)))
+            .sum();
         self.granted().saturating_sub(credit)
     }
 
-    fn shard(&self, index: usize) -> &AtomicUsize {
-        &self.shards[index % self.shards.len()]
+    /// The shard word of shard `index` (threads map to shards modulo the shard count).
+    #[inline]
+    pub(crate) fn shard_word(&self, index: usize) -> &AtomicUsize {
+        // The shard count is a power of two (see `Ledger::with_quantum`): a mask, not a division,
+        // on the hot path.
+        &self.shards[index & (self.shards.len() - 1)]
+    }
+
+    /// Takes one stashed handle from the shard, if it has one.
+    pub(crate) fn take_handle(&self, shard: usize) -> bool {
+        self.shard_word(shard)
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                (handles_of(w) > 0).then(|| w - HANDLE)
+            })
+            .is_ok()
     }
 }
 
@@ -123,6 +252,7 @@ impl Ledger {
     /// gets a row with limit 0: nothing can be reserved there, but resident memory can still be
     /// charged to it, so `charge` never has to fail.
     pub(crate) fn new(ceiling: usize, budgets: &[(usize, usize)], shards: usize) -> Self {
+        let shards = shards.max(1).next_power_of_two();
         Self::with_quantum(ceiling, budgets, shards, |limit| quantum_for(limit, shards))
     }
 
@@ -133,6 +263,7 @@ impl Ledger {
         shards: usize,
         quantum: impl Fn(usize) -> usize,
     ) -> Self {
+        let shards = shards.max(1).next_power_of_two();
         let engines = budgets
             .iter()
             .map(|&(limit, floor)| EngineLedger {
@@ -141,7 +272,7 @@ impl Ledger {
                 quantum: quantum(limit),
                 room: CachePadded(AtomicIsize::new(limit as isize)),
                 peak: AtomicUsize::new(0),
-                shards: (0..shards.max(1))
+                shards: (0..shards)
                     .map(|_| CachePadded(AtomicUsize::new(0)))
                     .collect(),
             })
@@ -213,18 +344,27 @@ impl Ledger {
         }
     }
 
-    fn ungrant(&self, e: &EngineLedger, bytes: usize) {
+    /// Returns `bytes` of `e`'s grant to the engine and global counters.
+    pub(crate) fn ungrant(&self, e: &EngineLedger, bytes: usize) {
         if bytes > 0 {
             e.room.fetch_add(bytes as isize, Ordering::AcqRel);
             self.global.fetch_sub(bytes, Ordering::AcqRel);
         }
     }
 
+    /// Returns one shard's idle credit to the engine and global counters (its handles stay).
+    fn drain_shard(&self, e: &EngineLedger, word: &AtomicUsize) {
+        if let Ok(before) = word.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+            (credit_of(w) > 0).then_some(w & !CREDIT)
+        }) {
+            self.ungrant(e, credit_of(before));
+        }
+    }
+
     /// Returns every shard's idle credit of `e` to the engine and global counters.
     fn drain(&self, e: &EngineLedger) {
-        for shard in &*e.shards {
-            let credit = shard.swap(0, Ordering::AcqRel);
-            self.ungrant(e, credit);
+        for word in &*e.shards {
+            self.drain_shard(e, word);
         }
     }
 
@@ -236,29 +376,67 @@ impl Ledger {
         shard: usize,
         bytes: usize,
     ) -> Result<bool, Denial> {
+        self.admit(e, shard, bytes, false).map(|(moved, _)| moved)
+    }
+
+    /// As [`reserve`](Self::reserve) for a new token, which also takes a stashed handle when
+    /// the shard has one: `Ok((moved, handle_taken))`. Without a stashed handle the caller
+    /// takes a fresh count of the books.
+    pub(crate) fn reserve_with_handle(
+        &self,
+        e: &EngineLedger,
+        shard: usize,
+        bytes: usize,
+    ) -> Result<(bool, bool), Denial> {
+        self.admit(e, shard, bytes, true)
+    }
+
+    #[inline]
+    fn admit(
+        &self,
+        e: &EngineLedger,
+        shard: usize,
+        bytes: usize,
+        want_handle: bool,
+    ) -> Result<(bool, bool), Denial> {
         if bytes == 0 {
-            return Ok(false);
+            return Ok((false, want_handle && e.take_handle(shard)));
         }
-        let credit = e.shard(shard);
-        if credit
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
-                c.checked_sub(bytes)
+        let word = e.shard_word(shard);
+        let mut took_handle = false;
+        if word
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                if credit_of(w) < bytes {
+                    return None;
+                }
+                took_handle = want_handle && handles_of(w) > 0;
+                Some(w - bytes - if took_handle { HANDLE } else { 0 })
             })
             .is_ok()
         {
-            return Ok(false);
+            return Ok((false, took_handle));
         }
-        // Slow path. Hand back the shard's too-small credit first, so a shard never sits on
-        // more than its two quanta of slack.
-        let leftover = credit.swap(0, Ordering::AcqRel);
-        self.ungrant(e, leftover);
+        self.reserve_slow(e, word, bytes)?;
+        Ok((true, want_handle && e.take_handle(shard)))
+    }
+
+    /// Admission when the shard's credit is short: the engine and global counters move.
+    fn reserve_slow(
+        &self,
+        e: &EngineLedger,
+        word: &AtomicUsize,
+        bytes: usize,
+    ) -> Result<(), Denial> {
+        // Hand back the shard's too-small credit first, so a shard never sits on more than its
+        // two quanta of slack.
+        self.drain_shard(e, word);
         if e.quantum > 0
             && self.waiters.load(Ordering::Acquire) == 0
             && let Some(with_refill) = bytes.checked_add(e.quantum)
             && self.grant(e, with_refill).is_ok()
         {
-            credit.fetch_add(e.quantum, Ordering::AcqRel);
-            return Ok(true);
+            word.fetch_add(e.quantum, Ordering::AcqRel);
+            return Ok(());
         }
         // Before saying no, take back the slack: the engine's own credit for a limit denial,
         // every engine's for a ceiling denial. This is what makes single-threaded answers exact.
@@ -267,10 +445,12 @@ impl Ledger {
         let mut drained_own = 0;
         loop {
             match self.grant(e, bytes) {
-                Ok(()) => return Ok(true),
+                Ok(()) => return Ok(()),
                 Err(Denial::Limit { .. })
                     if drained_own < 2
-                        && e.shards.iter().any(|s| s.load(Ordering::Acquire) > 0) =>
+                        && e.shards
+                            .iter()
+                            .any(|s| credit_of(s.load(Ordering::Acquire)) > 0) =>
                 {
                     drained_own += 1;
                     self.drain(e);
@@ -302,26 +482,96 @@ impl Ledger {
     /// unless someone is waiting for memory (then everything goes back at once). Returns true
     /// when the engine and global counters moved.
     pub(crate) fn release(&self, e: &EngineLedger, shard: usize, bytes: usize) -> bool {
+        if bytes >= LARGE_RELEASE {
+            self.ungrant(e, bytes);
+            return true;
+        }
         if bytes == 0 {
             return false;
         }
-        let credit = e.shard(shard);
-        let now = credit.fetch_add(bytes, Ordering::AcqRel) + bytes;
-        // Keep no credit while someone waits or while the books are overcommitted (a charge or
-        // untracked memory pushed them past a bound): idle credit would admit past the bound.
-        let strict = self.waiters.load(Ordering::Acquire) > 0
-            || e.room.load(Ordering::Acquire) < 0
-            || self.global.load(Ordering::Acquire) > self.ceiling;
-        let keep = if strict { 0 } else { e.quantum };
+        // No handle moves here, so the bytes can go in with one add and the trim follow.
+        let word = e.shard_word(shard);
+        let now = credit_of(word.fetch_add(bytes, Ordering::AcqRel)) + bytes;
+        let keep = if self.is_strict(e) { 0 } else { e.quantum };
         if (now > 2 * e.quantum || keep == 0)
-            && let Ok(before) = credit.fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
-                (c > keep).then_some(keep)
+            && let Ok(before) = word.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                (credit_of(w) > keep).then_some((w & !CREDIT) | keep)
             })
         {
-            self.ungrant(e, before - keep);
+            self.ungrant(e, credit_of(before) - keep);
             return true;
         }
         false
+    }
+
+    /// Keep no credit while someone waits or while the books are overcommitted (a charge or
+    /// untracked memory pushed them past a bound): idle credit would admit past the bound.
+    #[inline]
+    fn is_strict(&self, e: &EngineLedger) -> bool {
+        self.waiters.load(Ordering::Acquire) > 0
+            || e.room.load(Ordering::Acquire) < 0
+            || self.global.load(Ordering::Acquire) > self.ceiling
+    }
+
+    /// Works out a release of `bytes` through `shard` (and, for a token being dropped, of its
+    /// handle) against the ledger's current state. Everything the release needs is read here,
+    /// before the shard word changes: once [`ReleasePlan::apply`] has stashed the handle, the
+    /// caller owns no count of the books and may not touch the ledger again.
+    #[inline]
+    pub(crate) fn plan_release<'a>(
+        &'a self,
+        e: &'a EngineLedger,
+        shard: usize,
+        bytes: usize,
+        handle: bool,
+    ) -> ReleasePlan<'a> {
+        let mut plan = ReleasePlan {
+            word: e.shard_word(shard),
+            bytes,
+            keep: e.quantum,
+            quantum: e.quantum,
+            strict: false,
+            handle,
+            moved: false,
+        };
+        if bytes >= LARGE_RELEASE {
+            self.ungrant(e, bytes);
+            plan.bytes = 0;
+            plan.moved = true;
+        }
+        plan.strict = self.is_strict(e);
+        if plan.strict {
+            plan.keep = 0;
+        }
+        plan
+    }
+
+    /// Offers a handle to a shard's stash (`word` from [`EngineLedger::shard_word`]). `false`
+    /// when the shard is closed or full: the caller still owns the count and must drop it.
+    /// `true`: the caller no longer owns a count and must not touch the ledger again, which is
+    /// why this takes only the atomic.
+    pub(crate) fn stash_handle(word: &AtomicUsize) -> bool {
+        word.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+            (w & CLOSED == 0 && handles_of(w) < STASH_MAX).then(|| w + HANDLE)
+        })
+        .is_ok()
+    }
+
+    /// Closes every shard to handles and returns how many were stashed; the caller drops that
+    /// many counts. Called once, by the governor's last owner, while it still holds a count.
+    pub(crate) fn close(&self) -> usize {
+        let mut handles = 0;
+        for e in &self.engines {
+            for word in &*e.shards {
+                let before = word.fetch_or(CLOSED, Ordering::AcqRel);
+                // Handles stashed before the flag went up; none can be stashed after it.
+                if handles_of(before) > 0 {
+                    let taken = word.fetch_and(!HANDLES, Ordering::AcqRel);
+                    handles += handles_of(taken);
+                }
+            }
+        }
+        handles
     }
 
     /// True while some async reservation waits for memory.
@@ -385,12 +635,98 @@ impl Ledger {
     }
 }
 
+/// Per-NUMA-node books: what all engines hold on each bounded node, raised only by a CAS
+/// against the node's sub-ceiling, so `held(node) ≤ ceiling(node)` at every instant like the
+/// other bounds. It has no credit: a node's counter moves on every admission and release of a
+/// token on that node, which is why node ceilings are opt-in.
+#[derive(Debug)]
+pub(crate) struct NodeLedger {
+    ceilings: Box<[usize]>,
+    held: Box<[CachePadded<AtomicUsize>]>,
+}
+
+impl NodeLedger {
+    /// Books for `(node, ceiling)` pairs; `None` when there are none. Nodes between the listed
+    /// ones are counted without a bound; nodes above the highest are not counted.
+    pub(crate) fn new(ceilings: &[(usize, usize)]) -> Option<Self> {
+        let len = ceilings.iter().map(|&(node, _)| node + 1).max()?;
+        let mut bounds = vec![usize::MAX; len];
+        for &(node, bytes) in ceilings {
+            bounds[node] = bytes;
+        }
+        Some(Self {
+            ceilings: bounds.into_boxed_slice(),
+            held: (0..len).map(|_| CachePadded(AtomicUsize::new(0))).collect(),
+        })
+    }
+
+    /// True when `node` has a row here.
+    pub(crate) fn tracks(&self, node: usize) -> bool {
+        node < self.held.len()
+    }
+
+    /// Nodes with a row, in order.
+    pub(crate) fn nodes(&self) -> std::ops::Range<usize> {
+        0..self.held.len()
+    }
+
+    /// The node's sub-ceiling (`usize::MAX` when it has none).
+    pub(crate) fn ceiling(&self, node: usize) -> usize {
+        self.ceilings[node]
+    }
+
+    /// Bytes held on `node`.
+    pub(crate) fn held(&self, node: usize) -> usize {
+        self.held[node].load(Ordering::Acquire)
+    }
+
+    /// Takes `bytes` on `node` if its sub-ceiling allows; otherwise returns what it held.
+    pub(crate) fn grant(&self, node: usize, bytes: usize) -> Result<(), usize> {
+        let ceiling = self.ceilings[node];
+        self.held[node]
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
+                h.checked_add(bytes).filter(|&n| n <= ceiling)
+            })
+            .map(|_| ())
+    }
+
+    /// Books `bytes` on `node` unchecked (resident memory, see `Ledger::charge`).
+    pub(crate) fn charge(&self, node: usize, bytes: usize) {
+        self.held[node].fetch_add(bytes, Ordering::AcqRel);
+    }
+
+    /// Gives back `bytes` a token held on `node`.
+    pub(crate) fn release(&self, node: usize, bytes: usize) {
+        self.held[node].fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
 
     fn ledger(quantum: usize) -> Ledger {
         Ledger::with_quantum(100, &[(60, 10), (60, 10)], 2, |_| quantum)
+    }
+
+    #[test]
+    fn node_ledger_bounds_listed_nodes_and_counts_the_ones_between() {
+        assert!(NodeLedger::new(&[]).is_none());
+        let n = NodeLedger::new(&[(0, 10), (2, 5)]).unwrap();
+        assert!(n.tracks(1) && !n.tracks(3));
+        assert_eq!(n.grant(0, 10), Ok(()));
+        assert_eq!(n.grant(0, 1), Err(10));
+        assert_eq!(
+            n.grant(1, usize::MAX - 1),
+            Ok(()),
+            "node 1 has no sub-ceiling"
+        );
+        assert_eq!(n.grant(2, 6), Err(0));
+        n.charge(2, 6);
+        assert_eq!(n.held(2), 6);
+        assert_eq!(n.grant(2, 1), Err(6), "overcommitted by a charge");
+        n.release(2, 6);
+        assert_eq!(n.grant(2, 5), Ok(()));
     }
 
     #[test]
@@ -528,6 +864,75 @@ mod loom_model {
             assert_eq!(l.global(), 0);
             assert_eq!(l.engine(0).granted(), 0);
             assert_eq!(l.engine(1).granted(), 0);
+        });
+    }
+
+    /// A token of `bytes` is created on `shard`, with the books' strong count simulated by
+    /// `count`: it takes a stashed handle or a fresh count.
+    fn create_token(l: &Ledger, count: &AtomicUsize, shard: usize, bytes: usize) {
+        let Ok((_, from_stash)) = l.reserve_with_handle(l.engine(0), shard, bytes) else {
+            panic!("{bytes} bytes fit under the limit");
+        };
+        if !from_stash {
+            count.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// A token of `bytes` is dropped on `shard`: it parks its handle in the same step as the
+    /// bytes, or finishes the release and offers the handle, or releases the count itself.
+    fn drop_token(l: &Ledger, count: &AtomicUsize, shard: usize, bytes: usize) {
+        let e = l.engine(0);
+        let applied = l.plan_release(e, shard, bytes, true).apply();
+        if applied.handle_stashed {
+            return; // the books may be gone: nothing more may touch them
+        }
+        assert!(count.load(Ordering::Acquire) > 0, "books used after free");
+        l.ungrant(e, applied.trimmed);
+        if !Ledger::stash_handle(e.shard_word(shard)) {
+            let before = count.fetch_sub(1, Ordering::AcqRel);
+            assert!(before > 0, "a count was released twice");
+        }
+    }
+
+    /// Tokens dropped on two threads sharing a shard (one also splits off and drops a second
+    /// token, taking a handle from the stash the other may have just filled) while the
+    /// governor closes: every count of the books is released exactly once (none leaks, none is
+    /// released twice), whichever of stash, take and close wins each race.
+    #[test]
+    fn loom_handle_stash_and_close() {
+        let mut builder = loom::model::Builder::new();
+        builder.preemption_bound = Some(3);
+        builder.check(|| {
+            let ledger = Arc::new(Ledger::with_quantum(CEILING, &[(LIMIT, 0)], 1, |_| 1));
+            // The governor's own count; tokens are created while the governor is alive.
+            let count = Arc::new(AtomicUsize::new(1));
+            create_token(&ledger, &count, 0, 2);
+            create_token(&ledger, &count, 0, 3);
+            let (l, c) = (Arc::clone(&ledger), Arc::clone(&count));
+            let a = thread::spawn(move || drop_token(&l, &c, 0, 2));
+            let (l, c) = (Arc::clone(&ledger), Arc::clone(&count));
+            let b = thread::spawn(move || {
+                // `split`: a new token while this thread still owns one.
+                let from_stash = l.engine(0).take_handle(0);
+                if !from_stash {
+                    c.fetch_add(1, Ordering::AcqRel);
+                }
+                drop_token(&l, &c, 0, 0);
+                drop_token(&l, &c, 0, 3);
+            });
+            // The governor goes away while the tokens die.
+            let stashed = ledger.close();
+            let before = count.fetch_sub(stashed + 1, Ordering::AcqRel);
+            assert!(before > stashed, "close released counts it did not own");
+            a.join().unwrap();
+            b.join().unwrap();
+            assert_eq!(
+                count.load(Ordering::Acquire),
+                0,
+                "a count of the books leaked"
+            );
+            let word = ledger.engine(0).shard_word(0).load(Ordering::Acquire);
+            assert_eq!(handles_of(word), 0, "a handle stayed in a closed stash");
         });
     }
 

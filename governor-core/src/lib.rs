@@ -30,7 +30,11 @@
 //! model checks it.
 //!
 //! A reservation is a [`ReservationToken`]: RAII, so dropping it gives the bytes back; it can
-//! grow, shrink, split and merge but never release more than it holds. Memory that already
+//! grow, shrink, split and merge but never release more than it holds. A token keeps the
+//! governor's *books* (ledger, counters, pressure) alive, not the whole governor, and does so
+//! without touching a shared reference count: the count it owns is parked in its thread's
+//! shard word, in the same CAS that moves its bytes (the `handle` and `ledger` modules), so
+//! `try_reserve` + drop is two atomic operations on a line no other thread writes. Memory that already
 //! exists (loaded at start-up, replayed from the WAL) is booked with
 //! [`MemoryGovernor::charge`], which never fails and shows any excess as overcommit.
 //!
@@ -84,13 +88,16 @@
 //! ```
 
 pub mod alloc;
+mod books;
 mod config;
 mod engine;
 mod error;
 mod governor;
+mod handle;
 mod ledger;
 mod loom;
 pub mod metrics;
+pub mod node;
 #[cfg(feature = "numa")]
 pub mod numa;
 pub mod pressure;
@@ -101,15 +108,17 @@ pub mod rss_monitor;
 pub mod spill;
 
 pub use config::{
-    DEFAULT_RECLAIM_TIMEOUT, EngineBudget, GovernorConfig, GovernorConfigBuilder, MAX_SHARDS,
-    PressureThresholds,
+    DEFAULT_RECLAIM_TIMEOUT, EngineBudget, GovernorConfig, GovernorConfigBuilder, MAX_NUMA_NODES,
+    MAX_SHARDS, PressureThresholds,
 };
 pub use engine::{EngineId, gib, human_bytes, kib, mib};
 pub use error::{Holders, MemError};
 pub use governor::MemoryGovernor;
 pub use metrics::{
-    ConsumerSnapshot, ConsumerStatsSource, EngineSnapshot, GovernorSnapshot, StatsSourceHandle,
+    ConsumerSnapshot, ConsumerStatsSource, EngineSnapshot, GovernorSnapshot, NumaNodeSnapshot,
+    StatsSourceHandle,
 };
+pub use node::{set_thread_numa_node, thread_numa_node};
 pub use pressure::PressureLevel;
 pub use rebalance::{RebalancePolicy, RebalanceReport, RebalancerHandle};
 pub use reclaim::{

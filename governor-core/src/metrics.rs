@@ -99,6 +99,19 @@ pub struct GovernorSnapshot {
     pub global_pressure: PressureLevel,
     /// Adapter consumers.
     pub consumers: Vec<ConsumerSnapshot>,
+    /// NUMA nodes with a row in the books (empty unless the configuration bounds nodes).
+    pub numa_nodes: Vec<NumaNodeSnapshot>,
+}
+
+/// What all engines hold on one NUMA node, when the configuration bounds nodes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NumaNodeSnapshot {
+    /// The node's OS index.
+    pub node: usize,
+    /// Bytes held by live tokens on the node.
+    pub reserved: usize,
+    /// The node's sub-ceiling; `None` for a node counted but bounded only globally.
+    pub ceiling: Option<usize>,
 }
 
 impl GovernorSnapshot {
@@ -112,6 +125,10 @@ impl GovernorSnapshot {
         #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
         struct EngineLabel {
             engine: String,
+        }
+        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+        struct NodeLabel {
+            node: String,
         }
         #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
         struct ConsumerLabel {
@@ -221,6 +238,29 @@ impl GovernorSnapshot {
             "Global pressure: 0 normal, 1 warning, 2 critical, 3 emergency",
             self.global_pressure as usize,
         );
+        if !self.numa_nodes.is_empty() {
+            let reserved = Family::<NodeLabel, Gauge>::default();
+            let ceiling = Family::<NodeLabel, Gauge>::default();
+            for n in &self.numa_nodes {
+                let label = NodeLabel {
+                    node: n.node.to_string(),
+                };
+                reserved.get_or_create(&label).set(as_gauge(n.reserved));
+                if let Some(bytes) = n.ceiling {
+                    ceiling.get_or_create(&label).set(as_gauge(bytes));
+                }
+            }
+            r.register(
+                "numa_node_reserved_bytes",
+                "Bytes held by live reservations on the NUMA node",
+                reserved,
+            );
+            r.register(
+                "numa_node_ceiling_bytes",
+                "The NUMA node's sub-ceiling",
+                ceiling,
+            );
+        }
         let c: Counter = Counter::default();
         c.inc_by(self.global_rejections);
         r.register(
@@ -403,7 +443,7 @@ impl MemoryGovernor {
         let engines = EngineId::ALL
             .iter()
             .map(|&engine| {
-                let c = &self.counters[engine.index()];
+                let c = &self.books.counters[engine.index()];
                 let limit = self.limit(engine);
                 let granted = self.granted(engine);
                 EngineSnapshot {
@@ -439,12 +479,22 @@ impl MemoryGovernor {
             engines,
             global_reserved: self.global_reserved(),
             untracked: self.untracked(),
-            global_granted: self.ledger.global(),
+            global_granted: self.books.ledger.global(),
             ceiling: self.ceiling(),
-            global_peak: self.ledger.global_peak(),
-            global_rejections: self.global_rejections.load(Ordering::Relaxed),
+            global_peak: self.books.ledger.global_peak(),
+            global_rejections: self.books.global_rejections.load(Ordering::Relaxed),
             global_pressure: self.global_pressure(),
             consumers,
+            numa_nodes: self.books.nodes.as_ref().map_or_else(Vec::new, |nodes| {
+                nodes
+                    .nodes()
+                    .map(|node| NumaNodeSnapshot {
+                        node,
+                        reserved: nodes.held(node),
+                        ceiling: Some(nodes.ceiling(node)).filter(|&c| c != usize::MAX),
+                    })
+                    .collect()
+            }),
         }
     }
 }

@@ -79,7 +79,7 @@ impl Drop for RebalancerHandle {
 impl MemoryGovernor {
     /// Bytes `engine` is owed: what it waits for, up to its floor.
     pub fn floor_debt(&self, engine: EngineId) -> usize {
-        let waiting = self.counters[engine.index()]
+        let waiting = self.books.counters[engine.index()]
             .waiting_bytes
             .load(std::sync::atomic::Ordering::Acquire);
         let reserved = self.reserved(engine);

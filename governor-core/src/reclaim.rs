@@ -347,7 +347,7 @@ impl MemoryGovernor {
         target: usize,
         timeout: Duration,
     ) -> ReclaimStep {
-        let counters = &self.counters[engine.index()];
+        let counters = &self.books.counters[engine.index()];
         counters.reclaim_requests.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let fail = |reason: String| {

@@ -7,9 +7,12 @@
 use std::fmt;
 use std::sync::Arc;
 
+use crate::books::{Books, NO_NODE, thread_shard};
 use crate::engine::EngineId;
 use crate::error::MemError;
 use crate::governor::MemoryGovernor;
+use crate::handle::BooksHandle;
+use crate::ledger::Ledger;
 
 /// Bytes of one engine's budget, held until the token is dropped.
 ///
@@ -33,19 +36,26 @@ use crate::governor::MemoryGovernor;
 /// # Ok::<(), governor_core::MemError>(())
 /// ```
 pub struct ReservationToken {
-    governor: Arc<MemoryGovernor>,
+    books: BooksHandle,
     engine: EngineId,
+    /// The NUMA node the bytes count against, or `NO_NODE`.
+    node: u16,
     size: usize,
 }
 
 impl ReservationToken {
     /// Wraps bytes the ledger has already admitted for `engine`.
-    pub(crate) fn new(governor: Arc<MemoryGovernor>, engine: EngineId, size: usize) -> Self {
+    pub(crate) fn new(books: BooksHandle, engine: EngineId, node: u16, size: usize) -> Self {
         Self {
-            governor,
+            books,
             engine,
+            node,
             size,
         }
+    }
+
+    fn books(&self) -> &Books {
+        self.books.books()
     }
 
     /// Bytes this token holds.
@@ -58,14 +68,21 @@ impl ReservationToken {
         self.engine
     }
 
-    /// The governor this token belongs to.
-    pub fn governor(&self) -> &Arc<MemoryGovernor> {
-        &self.governor
+    /// The NUMA node this token's bytes count against, when the governor bounds nodes
+    /// (`None` otherwise, or for a node without a sub-ceiling row).
+    pub fn numa_node(&self) -> Option<usize> {
+        (self.node != NO_NODE).then_some(usize::from(self.node))
+    }
+
+    /// The governor this token belongs to, or `None` once every `Arc<MemoryGovernor>` has
+    /// been dropped (the token still gives its bytes back to the governor's books when dropped).
+    pub fn governor(&self) -> Option<Arc<MemoryGovernor>> {
+        self.books().owner.upgrade()
     }
 
     /// Takes `bytes` more from the engine's budget, or fails without changing anything.
     pub fn try_grow(&mut self, bytes: usize) -> Result<(), MemError> {
-        self.governor.admit(self.engine, bytes)?;
+        self.books().admit(self.engine, self.node, bytes)?;
         self.size += bytes;
         Ok(())
     }
@@ -73,7 +90,7 @@ impl ReservationToken {
     /// Books `bytes` more that are already allocated, even past the limit or the ceiling; the
     /// excess is reported as overcommit and raises pressure. For infallible paths only.
     pub fn force_grow(&mut self, bytes: usize) {
-        self.governor.book_resident(self.engine, bytes);
+        self.books().book_resident(self.engine, self.node, bytes);
         self.size += bytes;
     }
 
@@ -81,7 +98,7 @@ impl ReservationToken {
     pub fn shrink(&mut self, bytes: usize) -> Result<(), MemError> {
         self.check_held(bytes)?;
         self.size -= bytes;
-        self.governor.give_back(self.engine, bytes);
+        self.books().give_back(self.engine, self.node, bytes);
         Ok(())
     }
 
@@ -99,16 +116,20 @@ impl ReservationToken {
         self.check_held(bytes)?;
         self.size -= bytes;
         Ok(ReservationToken::new(
-            Arc::clone(&self.governor),
+            self.books.another(self.engine),
             self.engine,
+            self.node,
             bytes,
         ))
     }
 
-    /// Absorbs `other` into this token. Both must belong to the same governor and engine;
-    /// otherwise `other` is handed back unchanged.
+    /// Absorbs `other` into this token. Both must belong to the same governor, engine and
+    /// NUMA node; otherwise `other` is handed back unchanged.
     pub fn merge(&mut self, mut other: ReservationToken) -> Result<(), ReservationToken> {
-        if other.engine != self.engine || !Arc::ptr_eq(&other.governor, &self.governor) {
+        if other.engine != self.engine
+            || other.node != self.node
+            || !other.books.same_books(&self.books)
+        {
             return Err(other);
         }
         self.size += std::mem::take(&mut other.size);
@@ -131,16 +152,32 @@ impl ReservationToken {
     /// (at size 0).
     pub fn free(&mut self) -> usize {
         let bytes = std::mem::take(&mut self.size);
-        self.governor.give_back(self.engine, bytes);
+        self.books().give_back(self.engine, self.node, bytes);
         bytes
     }
 }
 
 impl Drop for ReservationToken {
     fn drop(&mut self) {
-        if self.size > 0 {
-            self.governor.give_back(self.engine, self.size);
+        let shard = thread_shard();
+        let books = self.books.books();
+        books.release_node(self.node, self.size);
+        let row = books.row(self.engine);
+        let applied = books
+            .ledger
+            .plan_release(row, shard, self.size, true)
+            .apply();
+        if applied.handle_stashed {
+            // The count is parked in the stash: the books may be gone already.
+            return;
         }
+        books.finish_release(self.engine, applied.trimmed, applied.moved);
+        if Ledger::stash_handle(row.shard_word(shard)) {
+            return;
+        }
+        // SAFETY: the count was not parked, this is the handle's only release, and neither the
+        // handle nor `books` is used after it.
+        unsafe { self.books.release() }
     }
 }
 

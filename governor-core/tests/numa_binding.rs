@@ -49,6 +49,11 @@ fn binds_cpus_memory_and_arena_of_the_local_node() {
             .clone();
         assert_eq!(binding.cpus, node.cpus);
         assert_eq!(affinity(), node.cpus, "the kernel confirms the CPU binding");
+        assert_eq!(
+            governor_core::thread_numa_node(),
+            binding.node,
+            "the thread's reservations now count against its node"
+        );
         assert!(
             binding.memory_bound,
             "Linux supports binding a thread's memory"

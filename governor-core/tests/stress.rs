@@ -1,13 +1,21 @@
-//! Stress: 8 threads × 100k mixed operations while a sampler checks the invariants.
+//! Stress: 8 threads × 100k mixed operations while a sampler checks the invariants, once with
+//! the engine limits and the global ceiling only, once with NUMA node sub-ceilings as well.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use governor_core::{EngineBudget, EngineId, GovernorConfig, MemoryGovernor, kib, mib};
+use governor_core::{
+    EngineBudget, EngineId, GovernorConfig, MemError, MemoryGovernor, ReservationToken, kib, mib,
+    set_thread_numa_node,
+};
 
 const THREADS: usize = 8;
 const OPS: usize = 100_000;
 const ENGINES: [EngineId; 3] = [EngineId::Query, EngineId::Vector, EngineId::Timeseries];
+const LIMITS: [usize; 3] = [mib(6), mib(5), mib(4)];
+const CEILING: usize = mib(8);
+/// Two nodes whose sub-ceilings (5 + 2 MiB) are tighter than the ceiling together and apart.
+const NODE_CEILINGS: [usize; 2] = [mib(5), mib(2)];
 
 /// Tiny xorshift so the test needs no RNG crate and is reproducible per thread.
 fn next(state: &mut u64) -> u64 {
@@ -17,18 +25,43 @@ fn next(state: &mut u64) -> u64 {
     *state
 }
 
-#[test]
-fn invariants_hold_under_contention() {
-    let ceiling = mib(8);
-    let limits = [mib(6), mib(5), mib(4)];
-    let mut builder = GovernorConfig::builder().global_ceiling(ceiling);
-    for (e, l) in ENGINES.iter().zip(limits) {
+/// What the test itself knows is held, per engine, per node and in total: raised after
+/// admission, lowered before release, so each figure never exceeds what the ledger holds. Each
+/// is one atomic, so the sampler reads each consistently (a sum of separate reads could
+/// combine a before and an after and see a total that never existed).
+#[derive(Default)]
+struct Held {
+    engine: [AtomicUsize; 3],
+    node: [AtomicUsize; 2],
+    total: AtomicUsize,
+}
+
+impl Held {
+    fn add(&self, engine: usize, node: usize, bytes: usize) {
+        self.engine[engine].fetch_add(bytes, Ordering::AcqRel);
+        self.node[node].fetch_add(bytes, Ordering::AcqRel);
+        self.total.fetch_add(bytes, Ordering::AcqRel);
+    }
+
+    fn sub(&self, engine: usize, node: usize, bytes: usize) {
+        self.engine[engine].fetch_sub(bytes, Ordering::AcqRel);
+        self.node[node].fetch_sub(bytes, Ordering::AcqRel);
+        self.total.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
+fn run(with_nodes: bool) {
+    let mut builder = GovernorConfig::builder().global_ceiling(CEILING);
+    for (e, l) in ENGINES.iter().zip(LIMITS) {
         builder = builder.engine(*e, EngineBudget::new(l).with_floor(mib(1)));
     }
+    if with_nodes {
+        for (node, bytes) in NODE_CEILINGS.iter().enumerate() {
+            builder = builder.numa_node_ceiling(node, *bytes);
+        }
+    }
     let g = MemoryGovernor::new(builder.reservation_shards(8).build().unwrap()).unwrap();
-    // What the test itself knows is held: raised after admission, lowered before release, so
-    // it never exceeds what the ledger holds.
-    let held: Arc<[AtomicUsize; 3]> = Arc::new(Default::default());
+    let held: Arc<Held> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let violations = Arc::new(AtomicUsize::new(0));
 
@@ -37,19 +70,32 @@ fn invariants_hold_under_contention() {
             (g.clone(), held.clone(), stop.clone(), violations.clone());
         std::thread::spawn(move || {
             let mut samples = 0u64;
+            let violation = |what: String| {
+                if violations.fetch_add(1, Ordering::Relaxed) == 0 {
+                    eprintln!("first violation: {what}");
+                }
+            };
             while !stop.load(Ordering::Acquire) {
-                let snap = g.snapshot();
-                let mut total = 0;
                 for (i, e) in ENGINES.iter().enumerate() {
-                    let h = held[i].load(Ordering::Acquire);
-                    total += h;
+                    let h = held.engine[i].load(Ordering::Acquire);
                     let granted = g.granted(*e);
-                    if h > limits[i] || granted > limits[i] {
-                        violations.fetch_add(1, Ordering::Relaxed);
+                    if h > LIMITS[i] || granted > LIMITS[i] {
+                        violation(format!("{e}: held {h}, granted {granted}"));
                     }
                 }
-                if total > ceiling || snap.global_granted > ceiling {
-                    violations.fetch_add(1, Ordering::Relaxed);
+                let total = held.total.load(Ordering::Acquire);
+                let global = g.snapshot().global_granted;
+                if total > CEILING || global > CEILING {
+                    violation(format!("global: held {total}, granted {global}"));
+                }
+                if with_nodes {
+                    for (node, ceiling) in NODE_CEILINGS.iter().enumerate() {
+                        let h = held.node[node].load(Ordering::Acquire);
+                        let (booked, _) = g.numa_node_usage(node).expect("bounded node");
+                        if h > *ceiling || booked > *ceiling {
+                            violation(format!("node {node}: held {h}, booked {booked}"));
+                        }
+                    }
                 }
                 samples += 1;
             }
@@ -61,9 +107,15 @@ fn invariants_hold_under_contention() {
         .map(|t| {
             let (g, held) = (g.clone(), held.clone());
             std::thread::spawn(move || {
+                let node = t % 2;
+                set_thread_numa_node(Some(node));
                 let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (t as u64 + 1);
-                let mut tokens = Vec::new();
-                let mut denials = 0usize;
+                let mut tokens: Vec<(usize, ReservationToken)> = Vec::new();
+                let mut denials = [0usize; 2]; // [by a node, by an engine or the ceiling]
+                let drop_token = |(i, tok): (usize, ReservationToken)| {
+                    held.sub(i, node, tok.size());
+                    drop(tok);
+                };
                 for _ in 0..OPS {
                     let r = next(&mut rng);
                     let i = (r % 3) as usize;
@@ -72,10 +124,15 @@ fn invariants_hold_under_contention() {
                             let bytes = kib(1 + ((r >> 16) % 256) as usize);
                             match g.try_reserve(ENGINES[i], bytes) {
                                 Ok(tok) => {
-                                    held[i].fetch_add(bytes, Ordering::AcqRel);
+                                    held.add(i, node, bytes);
                                     tokens.push((i, tok));
                                 }
-                                Err(_) => denials += 1,
+                                Err(err) => {
+                                    assert!(err.is_denial(), "{err}");
+                                    let by_node =
+                                        matches!(err, MemError::NodeCeilingExceeded { .. });
+                                    denials[usize::from(!by_node)] += 1;
+                                }
                             }
                         }
                         2 if !tokens.is_empty() => {
@@ -83,30 +140,28 @@ fn invariants_hold_under_contention() {
                             let (i, tok) = &mut tokens[k];
                             let bytes = kib(((r >> 32) % 64) as usize);
                             if tok.try_grow(bytes).is_ok() {
-                                held[*i].fetch_add(bytes, Ordering::AcqRel);
+                                held.add(*i, node, bytes);
                             }
                         }
                         _ if !tokens.is_empty() => {
                             let k = (r >> 20) as usize % tokens.len();
-                            let (i, tok) = tokens.swap_remove(k);
-                            held[i].fetch_sub(tok.size(), Ordering::AcqRel);
-                            drop(tok);
+                            drop_token(tokens.swap_remove(k));
                         }
                         _ => {}
                     }
                     if tokens.len() > 16 {
-                        let (i, tok) = tokens.swap_remove(0);
-                        held[i].fetch_sub(tok.size(), Ordering::AcqRel);
+                        drop_token(tokens.swap_remove(0));
                     }
                 }
-                for (i, tok) in tokens {
-                    held[i].fetch_sub(tok.size(), Ordering::AcqRel);
-                }
+                tokens.into_iter().for_each(drop_token);
                 denials
             })
         })
         .collect();
-    let denials: usize = workers.into_iter().map(|w| w.join().unwrap()).sum();
+    let denials = workers
+        .into_iter()
+        .map(|w| w.join().unwrap())
+        .fold([0, 0], |a, b| [a[0] + b[0], a[1] + b[1]]);
     stop.store(true, Ordering::Release);
     let samples = sampler.join().unwrap();
 
@@ -119,9 +174,16 @@ fn invariants_hold_under_contention() {
         samples > 10,
         "the sampler must actually have sampled ({samples})"
     );
+    // With nodes, the sub-ceilings (7 MiB together) bind before the 8 MiB ceiling, so engine
+    // and ceiling denials are up to chance; without, they must occur.
     assert!(
-        denials > 0,
+        with_nodes || denials[1] > 0,
         "the workload must reach the limits to test anything"
+    );
+    assert_eq!(
+        denials[0] > 0,
+        with_nodes,
+        "node sub-ceilings refuse exactly when configured ({denials:?})"
     );
     for e in ENGINES {
         assert_eq!(g.reserved(e), 0, "{e} leaked");
@@ -132,7 +194,27 @@ fn invariants_hold_under_contention() {
         "a peak passed its limit"
     );
     assert!(
-        snap.global_peak <= ceiling,
+        snap.global_peak <= CEILING,
         "the global peak passed the ceiling"
     );
+    if with_nodes {
+        assert_eq!(snap.numa_nodes.len(), 2);
+        for n in &snap.numa_nodes {
+            assert_eq!(n.reserved, 0, "node {} leaked", n.node);
+            assert_eq!(n.ceiling, Some(NODE_CEILINGS[n.node]));
+        }
+    }
+}
+
+#[test]
+fn invariants_hold_under_contention() {
+    run(false);
+}
+
+/// Node 1's 2 MiB sub-ceiling binds before its engines' limits or the ceiling do, so its
+/// threads are refused by the node while node 0's threads go on; neither node ever passes
+/// its sub-ceiling.
+#[test]
+fn node_sub_ceilings_hold_under_contention() {
+    run(true);
 }

@@ -215,6 +215,8 @@ impl NumaPlacer {
         };
         let arena = node_arena(node.os_index)?;
         let previous_arena = pin_thread_arena(arena)?;
+        // From here on the thread's reservations count against this node's sub-ceiling.
+        crate::node::set_thread_numa_node(Some(node.os_index));
         tracing::debug!(
             node = node.os_index,
             cpu = cpu_index,
