@@ -37,6 +37,10 @@
 //! denial) and retries, so a single thread sees exact answers: a reservation fails if and only
 //! if `reserved + n` exceeds the limit or the ceiling.
 //!
+//! With NUMA node sub-ceilings configured, a [`NodeLedger`] adds one more CAS-checked counter
+//! per node, taken before the engine's and rolled back if the engine or the ceiling says no;
+//! it has no credit, so node bounds are exact at the price of one shared atomic per call.
+//!
 //! `charge` (memory already resident) raises both counters unchecked: it is a fact, not a
 //! request. It can push an engine past its limit; then every admission is denied until the
 //! overcommit is paid back.

@@ -9,7 +9,11 @@
 //! * **binding**: [`bind_thread_to_local_numa`] keeps the calling thread on the CPUs of the
 //!   node it runs on, binds its future memory to that node, and pins it to a jemalloc arena
 //!   dedicated to that node, so pages of different nodes never share an arena;
-//! * **per-node sub-ceilings** ([`NumaCeilings`]) that split the global ceiling.
+//! * **per-node sub-ceilings** ([`NumaCeilings`]) that split the global ceiling; give them to
+//!   [`GovernorConfigBuilder::numa_ceilings`](crate::GovernorConfigBuilder::numa_ceilings) and
+//!   admission enforces them: a reservation counts against the node of the thread that makes
+//!   it (binding declares the node, see [`crate::node`]) and is refused with
+//!   [`MemError::NodeCeilingExceeded`] when that node is full, even if the ceiling has room.
 //!
 //! ```text
 //!   hwloc topology ──▶ NumaTopology (pure) ──▶ node_of_cpu / plan_workers / NumaCeilings
