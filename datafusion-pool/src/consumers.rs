@@ -11,8 +11,9 @@
 //! atomics so that readers (metrics, error messages) never wait behind a consumer that is
 //! blocked in a bounded reclaim.
 
+use std::cell::Cell;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use datafusion::common::HashMap;
 use governor_core::{ConsumerSnapshot, ConsumerStatsSource, EngineId, ReservationToken};
@@ -42,6 +43,8 @@ pub(crate) struct Consumer {
     pub(crate) overcommit: AtomicUsize,
     pub(crate) peak: AtomicUsize,
     pub(crate) denials: AtomicU64,
+    /// Set when the consumer unregisters, so a thread's cached entry is not used after.
+    removed: AtomicBool,
 }
 
 impl Consumer {
@@ -60,6 +63,7 @@ impl Consumer {
             overcommit: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
             denials: AtomicU64::new(0),
+            removed: AtomicBool::new(false),
         }
     }
 
@@ -107,15 +111,68 @@ struct Retired {
 }
 
 /// All consumers of one pool: the live ones by id, the retired ones by name.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Registry {
+    /// Process-unique, to tell registries apart in the per-thread cache.
+    id: usize,
     live: RwLock<HashMap<usize, Arc<Consumer>>>,
     retired: Mutex<HashMap<String, Retired>>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        Self {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            live: RwLock::default(),
+            retired: Mutex::default(),
+        }
+    }
+}
+
+/// `(registry id, consumer id, consumer)` of the consumer a thread used last.
+type CachedConsumer = (usize, usize, Arc<Consumer>);
+
+thread_local! {
+    /// The consumer this thread used last. DataFusion drives one operator partition's
+    /// reservation from one task for many batches in a row, so consecutive calls on a thread
+    /// nearly always name the same consumer; the cache saves the registry's read lock (an
+    /// atomic on a line every thread writes), the hash lookup and an `Arc` clone per call,
+    /// which were most of the pool's cost over `GreedyMemoryPool` (BENCHMARKS.md).
+    static LAST_CONSUMER: Cell<Option<CachedConsumer>> = const { Cell::new(None) };
 }
 
 impl Registry {
     pub(crate) fn get(&self, id: usize) -> Option<Arc<Consumer>> {
         self.live.read().get(&id).cloned()
+    }
+
+    /// Runs `f` on the consumer `id`, from this thread's cache when it holds it, else from the
+    /// registry (inserting `make()` when `make` is given and the id is unknown). `None` when
+    /// the id is unknown and there is no `make`.
+    pub(crate) fn with<R>(
+        &self,
+        id: usize,
+        make: Option<&dyn Fn() -> Consumer>,
+        f: impl FnOnce(&Consumer) -> R,
+    ) -> Option<R> {
+        // Taken out, not borrowed: `f` may come back here (for another consumer) and must
+        // find the cell usable; it then simply misses.
+        let cached = LAST_CONSUMER.with(Cell::take);
+        let consumer = match cached {
+            Some((registry, cid, c))
+                if registry == self.id && cid == id && !c.removed.load(Ordering::Acquire) =>
+            {
+                c
+            }
+            _ => match make {
+                Some(make) => self.get_or_insert(id, make),
+                None => self.get(id)?,
+            },
+        };
+        let result = f(&consumer);
+        LAST_CONSUMER.with(|cell| cell.set(Some((self.id, id, consumer))));
+        Some(result)
     }
 
     /// Inserts `make()` unless the id is known; returns the entry either way.
@@ -137,6 +194,7 @@ impl Registry {
 
     pub(crate) fn remove(&self, id: usize) -> Option<Arc<Consumer>> {
         let removed = self.live.write().remove(&id)?;
+        removed.removed.store(true, Ordering::Release);
         let mut retired = self.retired.lock();
         let name = if retired.len() < MAX_RETIRED_NAMES || retired.contains_key(&removed.name) {
             removed.name.clone()

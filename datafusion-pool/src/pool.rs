@@ -250,11 +250,15 @@ impl GovernedMemoryPool {
             .saturating_sub(self.unspillable.load(Ordering::Relaxed))
     }
 
-    fn consumer(&self, c: &MemoryConsumer) -> Arc<Consumer> {
+    /// Runs `f` on the pool's entry for `c`, from the calling thread's cache when it can.
+    fn with_consumer<R>(&self, c: &MemoryConsumer, f: impl FnOnce(&Consumer) -> R) -> R {
         // DataFusion always registers before growing; a reservation that reaches us without a
         // registration (e.g. a wrapper pool that forwards only some calls) is booked anyway so
         // that its bytes are never lost from the books.
-        self.registry.get_or_insert(c.id(), || self.new_consumer(c))
+        let make = || self.new_consumer(c);
+        self.registry
+            .with(c.id(), Some(&make), f)
+            .expect("an entry is inserted when missing")
     }
 
     /// Called by the registry only when `c` is actually inserted.
@@ -512,7 +516,7 @@ impl MemoryPool for GovernedMemoryPool {
     }
 
     fn register(&self, consumer: &MemoryConsumer) {
-        self.consumer(consumer);
+        self.with_consumer(consumer, |_| ());
     }
 
     fn unregister(&self, consumer: &MemoryConsumer) {
@@ -521,15 +525,16 @@ impl MemoryPool for GovernedMemoryPool {
                 self.unspillable_consumers.fetch_sub(1, Ordering::Relaxed);
             }
             // DataFusion frees every reservation before the registration goes; if a caller
-            // did not, give the bytes back here rather than leak them in the governor.
-            let mut token = c.token.lock();
+            // did not, the token's drop gives the bytes back rather than leak them in the
+            // governor. Taken out so that a thread's cached entry holds nothing.
+            let mut slot = c.token.lock();
+            let token = slot.take();
             let left = c.reserved();
             if left > 0 {
-                if let Some(t) = token.as_mut() {
-                    t.free();
-                }
                 self.released(&c, left);
             }
+            drop(slot);
+            drop(token);
         }
     }
 
@@ -537,7 +542,47 @@ impl MemoryPool for GovernedMemoryPool {
         if additional == 0 {
             return;
         }
-        let c = self.consumer(reservation.consumer());
+        self.with_consumer(reservation.consumer(), |c| {
+            self.grow_consumer(c, additional);
+        });
+    }
+
+    fn shrink(&self, reservation: &MemoryReservation, shrink: usize) {
+        let consumer = reservation.consumer();
+        if self
+            .registry
+            .with(consumer.id(), None, |c| self.shrink_consumer(c, shrink))
+            .is_none()
+        {
+            self.over_released.fetch_add(shrink, Ordering::Relaxed);
+            tracing::error!(
+                consumer = consumer.name(),
+                bytes = shrink,
+                "shrink of an unknown consumer ignored"
+            );
+        }
+    }
+
+    fn try_grow(&self, reservation: &MemoryReservation, additional: usize) -> Result<()> {
+        if additional == 0 {
+            return Ok(());
+        }
+        self.with_consumer(reservation.consumer(), |c| {
+            self.try_grow_consumer(c, additional)
+        })
+    }
+
+    fn reserved(&self) -> usize {
+        self.reserved.load(Ordering::Relaxed)
+    }
+
+    fn memory_limit(&self) -> MemoryLimit {
+        MemoryLimit::Finite(self.governor.limit(ENGINE))
+    }
+}
+
+impl GovernedMemoryPool {
+    fn grow_consumer(&self, c: &Consumer, additional: usize) {
         let mut token = c.token.lock();
         if let Some(t) = token.as_mut()
             && t.try_grow(additional).is_err()
@@ -559,19 +604,10 @@ impl MemoryPool for GovernedMemoryPool {
             self.peak_overcommit.fetch_max(now, Ordering::Relaxed);
             tracing::debug!(consumer = %c.name, bytes = over, "infallible grow booked as overcommit");
         }
-        self.booked(&c, additional);
+        self.booked(c, additional);
     }
 
-    fn shrink(&self, reservation: &MemoryReservation, shrink: usize) {
-        let Some(c) = self.registry.get(reservation.consumer().id()) else {
-            self.over_released.fetch_add(shrink, Ordering::Relaxed);
-            tracing::error!(
-                consumer = reservation.consumer().name(),
-                bytes = shrink,
-                "shrink of an unknown consumer ignored"
-            );
-            return;
-        };
+    fn shrink_consumer(&self, c: &Consumer, shrink: usize) {
         let mut token = c.token.lock();
         let held = c.reserved();
         let bytes = shrink.min(held);
@@ -592,37 +628,25 @@ impl MemoryPool for GovernedMemoryPool {
             // governor's word if it does.
             tracing::error!(consumer = %c.name, error = %e, "governor token out of step with pool books");
         }
-        self.released(&c, bytes);
+        self.released(c, bytes);
     }
 
-    fn try_grow(&self, reservation: &MemoryReservation, additional: usize) -> Result<()> {
-        if additional == 0 {
-            return Ok(());
-        }
-        let c = self.consumer(reservation.consumer());
+    fn try_grow_consumer(&self, c: &Consumer, additional: usize) -> Result<()> {
         let mut token = c.token.lock();
         let Some(t) = token.as_mut() else {
-            return Err(self.deny(&c, additional, &Denial::NotConfigured));
+            return Err(self.deny(c, additional, &Denial::NotConfigured));
         };
         if c.can_spill {
-            if let Err(why) = self.grow_spillable(&c, t, additional) {
-                return Err(self.deny(&c, additional, &why));
+            if let Err(why) = self.grow_spillable(c, t, additional) {
+                return Err(self.deny(c, additional, &why));
             }
         } else if let Err(first) = t.try_grow(additional)
             && let Err(e) = self.grow_unspillable_slow(t, additional, &first)
         {
-            return Err(self.deny(&c, additional, &Denial::Governor(e)));
+            return Err(self.deny(c, additional, &Denial::Governor(e)));
         }
-        self.booked(&c, additional);
+        self.booked(c, additional);
         Ok(())
-    }
-
-    fn reserved(&self) -> usize {
-        self.reserved.load(Ordering::Relaxed)
-    }
-
-    fn memory_limit(&self) -> MemoryLimit {
-        MemoryLimit::Finite(self.governor.limit(ENGINE))
     }
 }
 

@@ -490,3 +490,42 @@ fn concurrent_consumers_never_exceed_the_limit() {
     assert_eq!(g.reserved(EngineId::Query), 0);
     assert_eq!(p.stats().over_released, 0);
 }
+
+/// The per-thread consumer cache: consumers of two pools used alternately on one thread keep
+/// exact books, an unregistered consumer's cached entry holds nothing, and a shrink of a
+/// consumer the pool never saw is absorbed, not booked.
+#[test]
+fn thread_consumer_cache_keeps_each_pools_books_exact() {
+    let g = query_only(kib(1024));
+    let (p1, d1) = pool(&g, 0.0, Duration::from_millis(10));
+    let (p2, d2) = pool(&g, 0.0, Duration::from_millis(10));
+    let a = spiller(&d1, "a");
+    let b = spiller(&d2, "b");
+    let c = spiller(&d1, "c");
+    for round in 1..=3 {
+        a.try_grow(kib(10)).unwrap();
+        b.try_grow(kib(20)).unwrap();
+        c.try_grow(kib(30)).unwrap();
+        assert_eq!(p1.stats().reserved, round * kib(40));
+        assert_eq!(p2.stats().reserved, round * kib(20));
+    }
+    a.shrink(kib(5));
+    b.shrink(kib(5));
+    assert_eq!(a.size(), kib(25));
+    assert_eq!(p1.stats().reserved, kib(115));
+    assert_eq!(p2.stats().reserved, kib(55));
+    assert_eq!(g.reserved(EngineId::Query), kib(170));
+    // `c` was the last consumer this thread used; once it unregisters, neither its bytes nor
+    // its governor token stay behind in the cache.
+    drop((a, b));
+    c.try_grow(kib(1)).unwrap();
+    drop(c);
+    assert_eq!(g.reserved(EngineId::Query), 0);
+    assert_eq!(p1.stats().consumers, 0);
+    assert_eq!(p1.stats().reserved, 0);
+    // A shrink for a consumer the pool does not know is counted as over-released.
+    let stranger = MemoryConsumer::new("stranger").register(&d2);
+    d1.shrink(&stranger, kib(1));
+    assert_eq!(p1.stats().over_released, kib(1));
+    assert_eq!(p1.stats().reserved, 0);
+}
