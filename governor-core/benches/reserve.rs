@@ -15,30 +15,20 @@ use governor_core::{EngineBudget, EngineId, GovernorConfig, MemoryGovernor, gib,
 
 const BYTES: usize = kib(4);
 
-fn governor(threads: usize) -> Arc<MemoryGovernor> {
-    let config = GovernorConfig::builder()
+/// The governor the cases run on; `node_ceilings` adds a NUMA sub-ceiling on nodes 0 and 1
+/// (enough here: threads count against the node of their CPU), to price the per-node counter.
+fn governor(threads: usize, node_ceilings: bool) -> Arc<MemoryGovernor> {
+    let mut config = GovernorConfig::builder()
         .global_ceiling(gib(8))
         .engine(EngineId::Query, EngineBudget::new(gib(4)))
         .engine(EngineId::Vector, EngineBudget::new(gib(4)))
-        .reservation_shards(threads.next_power_of_two())
-        .build()
-        .expect("valid config");
-    MemoryGovernor::new(config).expect("governor")
-}
-
-/// As [`governor`], with a NUMA sub-ceiling on every node of this machine (node 0 and 1 are
-/// enough here: threads count against the node of their CPU), to price the per-node counter.
-fn governor_with_node_ceilings(threads: usize) -> Arc<MemoryGovernor> {
-    let config = GovernorConfig::builder()
-        .global_ceiling(gib(8))
-        .engine(EngineId::Query, EngineBudget::new(gib(4)))
-        .engine(EngineId::Vector, EngineBudget::new(gib(4)))
-        .numa_node_ceiling(0, gib(4))
-        .numa_node_ceiling(1, gib(4))
-        .reservation_shards(threads.next_power_of_two())
-        .build()
-        .expect("valid config");
-    MemoryGovernor::new(config).expect("governor")
+        .reservation_shards(threads.next_power_of_two());
+    if node_ceilings {
+        config = config
+            .numa_node_ceiling(0, gib(4))
+            .numa_node_ceiling(1, gib(4));
+    }
+    MemoryGovernor::new(config.build().expect("valid config")).expect("governor")
 }
 
 fn single_thread(c: &mut Criterion) {
@@ -58,7 +48,7 @@ fn single_thread(c: &mut Criterion) {
             reservation.shrink(black_box(BYTES));
         });
     });
-    let g = governor(1);
+    let g = governor(1, false);
     let mut token = g.try_reserve(EngineId::Query, 0).expect("empty token");
     group.bench_function("governor_token_grow_shrink", |b| {
         b.iter(|| {
@@ -74,7 +64,7 @@ fn single_thread(c: &mut Criterion) {
             ));
         });
     });
-    let numa = governor_with_node_ceilings(1);
+    let numa = governor(1, true);
     group.bench_function("governor_try_reserve_drop_numa_ceilings", |b| {
         b.iter(|| {
             drop(black_box(
@@ -143,7 +133,7 @@ fn many_threads(c: &mut Criterion) {
                 })
             });
         });
-        let g = governor(threads);
+        let g = governor(threads, false);
         group.bench_function("governor_try_reserve_drop", |b| {
             b.iter_custom(|iters| {
                 contended(threads, iters, &|| {
@@ -154,7 +144,7 @@ fn many_threads(c: &mut Criterion) {
                 })
             });
         });
-        let numa = governor_with_node_ceilings(threads);
+        let numa = governor(threads, true);
         group.bench_function("governor_try_reserve_drop_numa_ceilings", |b| {
             b.iter_custom(|iters| {
                 contended(threads, iters, &|| {
