@@ -63,6 +63,10 @@ pub enum ReclaimScope {
     Borrowers,
     /// Only this engine, even below its floor (it hit its own limit and must make room).
     Engine(EngineId),
+    /// Every engine with a reclaimer, even below its floor, largest holder first: for when
+    /// the process's real memory is at the ceiling and borrowers alone cannot bring it back,
+    /// so that not every floor can be honoured (the RSS monitor's last resort).
+    Holders,
 }
 
 /// One reclaimer call in a plan.
@@ -277,12 +281,20 @@ impl MemoryGovernor {
                 vec![]
             };
         }
+        // What each engine may be asked for: what it borrowed, or everything it holds.
+        let share = |e: EngineId| {
+            if scope == ReclaimScope::Holders {
+                self.reserved(e)
+            } else {
+                self.borrowed(e)
+            }
+        };
         let mut borrowers: Vec<(EngineId, usize)> = EngineId::ALL
             .iter()
             .copied()
             .filter(|&e| scope != ReclaimScope::BorrowersExcept(e) && self.reclaimers.has(e))
-            .map(|e| (e, self.borrowed(e)))
-            .filter(|&(_, borrowed)| borrowed > 0)
+            .map(|e| (e, share(e)))
+            .filter(|&(_, bytes)| bytes > 0)
             .collect();
         borrowers.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         let mut remaining = bytes;

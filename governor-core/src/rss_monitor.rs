@@ -14,7 +14,8 @@
 //!                    governor.set_untracked(min(C, s + headroom))
 //!   if global pressure ≥ Emergency (and not cooling down):
 //!        purge jemalloc's dirty pages → re-measure → still Emergency?
-//!        → reclaim from borrowers down to the Critical threshold → purge again → cool down
+//!        → reclaim from borrowers down to the Critical threshold → purge again
+//!        → still Emergency? → reclaim from every holder, below floors too → purge → cool down
 //! ```
 //!
 //! ## The control law
@@ -47,6 +48,14 @@
 //! a reclaim (and only the drop in RSS a purge caused is credited back at once, see
 //! [`UntrackedFilter::credit`]); a reclaim asks only for the excess over the Critical
 //! threshold (a hysteresis band below Emergency); and reclaims are separated by a cool-down.
+//!
+//! **Floors give way to the ceiling.** Memory nobody reserved (batches in flight, allocator
+//! retention, code) cannot be reclaimed, but reserved memory can be given up in its place.
+//! When borrowers alone do not bring the process out of Emergency, the monitor asks every
+//! engine with a reclaimer for the rest, largest holder first, even below its floor
+//! ([`ReclaimScope::Holders`]): a floor protects an engine from other engines' borrowing,
+//! not from the process being killed at the ceiling. Turn it off with
+//! [`RssMonitorConfig::with_shed_below_floors`].
 //! The unit tests drive the law over a synthetic ramp and a closed-loop simulation, without
 //! threads.
 
@@ -224,6 +233,7 @@ pub struct RssMonitorConfig {
     law: Option<ControlLaw>,
     purge_on_emergency: bool,
     reclaim_on_emergency: bool,
+    shed_below_floors: bool,
     reclaim_wait: Duration,
     cooldown_ticks: u32,
 }
@@ -236,6 +246,7 @@ impl Default for RssMonitorConfig {
             law: None,
             purge_on_emergency: true,
             reclaim_on_emergency: true,
+            shed_below_floors: true,
             reclaim_wait: Duration::from_secs(2),
             cooldown_ticks: 5,
         }
@@ -280,6 +291,14 @@ impl RssMonitorConfig {
         self
     }
 
+    /// Whether, when reclaiming from borrowers did not end the Emergency, to ask every engine
+    /// with a reclaimer for the rest, even below its floor (default true; see the module docs).
+    #[must_use]
+    pub fn with_shed_below_floors(mut self, shed: bool) -> Self {
+        self.shed_below_floors = shed;
+        self
+    }
+
     /// Ticks to wait after an Emergency action before the next one (default 5), so freed
     /// memory shows up in RSS before the monitor judges again.
     #[must_use]
@@ -311,6 +330,8 @@ pub struct RssMonitorStats {
     pub purges: u64,
     /// Reclaims requested from borrowers.
     pub reclaims: u64,
+    /// Reclaims requested from every holder, below floors, because borrowers were not enough.
+    pub floor_reclaims: u64,
     /// Bytes the reclaimers reported freed.
     pub reclaimed_bytes: usize,
     /// Samples that failed (the previous figure stays in force).
@@ -594,9 +615,40 @@ fn tick(governor: &Arc<MemoryGovernor>, shared: &Shared) -> Result<usize, MemErr
         let excess = used.saturating_sub(target_used);
         if excess > 0 {
             shared.stats.lock().reclaims += 1;
-            let freed = reclaim_borrowers(governor, excess, config.reclaim_wait);
+            let freed = reclaim(
+                governor,
+                ReclaimScope::Borrowers,
+                excess,
+                config.reclaim_wait,
+            );
             shared.stats.lock().reclaimed_bytes += freed;
             tracing::info!(asked = excess, freed, "RSS monitor reclaim from borrowers");
+            if config.purge_on_emergency && freed > 0 && purge(&shared.stats) {
+                (published, last_resident) = remeasure(
+                    governor,
+                    &mut state.filter,
+                    &shared.stats,
+                    config.source,
+                    last_resident,
+                )
+                .unwrap_or((published, last_resident));
+            }
+        }
+        // Borrowers were not enough: the floors give way to the ceiling.
+        let used = governor.global_reserved() + published;
+        let excess = used.saturating_sub(target_used);
+        if config.shed_below_floors
+            && governor.global_pressure() >= PressureLevel::Emergency
+            && excess > 0
+        {
+            shared.stats.lock().floor_reclaims += 1;
+            let freed = reclaim(governor, ReclaimScope::Holders, excess, config.reclaim_wait);
+            shared.stats.lock().reclaimed_bytes += freed;
+            tracing::warn!(
+                asked = excess,
+                freed,
+                "RSS monitor reclaim below floors: borrowers could not end the emergency"
+            );
             if config.purge_on_emergency && freed > 0 && purge(&shared.stats) {
                 (published, _) = remeasure(
                     governor,
@@ -654,12 +706,15 @@ fn remeasure(
     Some((published, resident.bytes))
 }
 
-/// Asks every borrower for `bytes` and waits at most `wait`; returns the bytes reported freed
-/// by then (the plan goes on in the background).
-fn reclaim_borrowers(governor: &Arc<MemoryGovernor>, bytes: usize, wait: Duration) -> usize {
-    governor
-        .reclaim_blocking(ReclaimScope::Borrowers, bytes, wait)
-        .freed
+/// Asks the engines of `scope` for `bytes` and waits at most `wait`; returns the bytes
+/// reported freed by then (the plan goes on in the background).
+fn reclaim(
+    governor: &Arc<MemoryGovernor>,
+    scope: ReclaimScope,
+    bytes: usize,
+    wait: Duration,
+) -> usize {
+    governor.reclaim_blocking(scope, bytes, wait).freed
 }
 
 #[cfg(test)]

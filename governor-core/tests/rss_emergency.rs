@@ -1,5 +1,5 @@
 //! Past the Emergency threshold the monitor purges jemalloc and asks borrowers to reclaim,
-//! bringing real RSS back under the ceiling.
+//! and when there is no borrower left, every holder, bringing real RSS back under the ceiling.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use governor_core::alloc::{process_resident_bytes, purge_all_arenas};
-use governor_core::rss_monitor::RssMonitorConfig;
+use governor_core::rss_monitor::{RssMonitorConfig, RssMonitorStats};
 use governor_core::{
     EngineBudget, EngineId, GovernorConfig, MemoryGovernor, ReclaimError, Reclaimer,
     ReservationToken, human_bytes, mib,
@@ -58,11 +58,36 @@ fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
 
 #[test]
 fn emergency_purges_and_reclaims_from_borrowers() {
+    let stats = emergency_with_vector_floor(0);
+    assert!(stats.reclaims >= 1, "{stats:?}");
+    assert_eq!(stats.floor_reclaims, 0, "borrowers were enough: {stats:?}");
+}
+
+/// The vector cache holds only its floor, so there is no borrower to ask: the floors give way
+/// to the ceiling and the monitor asks the holder itself.
+#[test]
+fn emergency_reclaims_below_floors_when_no_borrower_is_left() {
+    let stats = emergency_with_vector_floor(mib(64));
+    assert!(stats.floor_reclaims >= 1, "{stats:?}");
+}
+
+/// A 64 MiB vector cache (with `vector_floor`), then untracked memory until the process is
+/// past the Emergency threshold: the monitor must purge and reclaim until RSS is back under
+/// the Critical threshold. Returns the monitor's stats.
+fn emergency_with_vector_floor(vector_floor: usize) -> RssMonitorStats {
+    // RSS is the process's: the two tests must not add untracked memory at the same time.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _serial = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     purge_all_arenas().unwrap();
     let governor = MemoryGovernor::new(
         GovernorConfig::builder()
             .global_ceiling(CEILING)
-            .engine(EngineId::Vector, EngineBudget::new(CEILING))
+            .engine(
+                EngineId::Vector,
+                EngineBudget::new(CEILING).with_floor(vector_floor),
+            )
             .engine(
                 EngineId::Query,
                 EngineBudget::new(CEILING).with_floor(mib(32)),
@@ -121,15 +146,13 @@ fn emergency_purges_and_reclaims_from_borrowers() {
         human_bytes(after),
         human_bytes(governor.reserved(EngineId::Vector))
     );
-    assert!(
-        stats.emergencies >= 1 && stats.purges >= 1 && stats.reclaims >= 1,
-        "{stats:?}"
-    );
+    assert!(stats.emergencies >= 1 && stats.purges >= 1, "{stats:?}");
     assert!(stats.reclaimed_bytes >= CHUNK, "{stats:?}");
     assert!(
         governor.reserved(EngineId::Vector) < mib(64),
-        "the borrower gave memory back"
+        "the cache gave memory back"
     );
     drop(monitor);
     drop(untracked);
+    stats
 }

@@ -56,6 +56,9 @@ pub struct WorkloadConfig {
     pub sql_queries: usize,
     /// DataFusion partitions.
     pub partitions: usize,
+    /// Whether the RSS monitor may reclaim below engines' floors when borrowers are not enough
+    /// (its default; off only to measure what that buys).
+    pub shed_below_floors: bool,
 }
 
 impl WorkloadConfig {
@@ -79,6 +82,7 @@ impl WorkloadConfig {
             sql_groups: 1_000_000,
             sql_queries: 4,
             partitions: 2,
+            shed_below_floors: true,
         }
     }
 
@@ -117,6 +121,7 @@ impl WorkloadConfig {
             sql_groups: 100_000,
             sql_queries: 2,
             partitions: 2,
+            shed_below_floors: true,
         }
     }
 }
@@ -150,6 +155,8 @@ pub struct WorkloadReport {
     pub elapsed: Duration,
     /// Prometheus text of the final snapshot.
     pub prometheus: String,
+    /// What the RSS monitor did: emergencies, reclaims from borrowers and below floors.
+    pub monitor: governor_core::RssMonitorStats,
 }
 
 impl WorkloadReport {
@@ -174,6 +181,16 @@ impl WorkloadReport {
             self.peak_rss as f64 * 100.0 / self.ceiling as f64,
             human_bytes(self.peak_booked),
             self.samples,
+        );
+        let m = &self.monitor;
+        let _ = writeln!(
+            s,
+            "RSS monitor: {} emergencies, {} reclaims from borrowers, {} below floors, {} freed, {} purges",
+            m.emergencies,
+            m.reclaims,
+            m.floor_reclaims,
+            human_bytes(m.reclaimed_bytes),
+            m.purges
         );
         for (engine, limit, peak) in &self.engine_peaks {
             let _ = writeln!(
@@ -245,7 +262,9 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
     )
     .map_err(|e| e.to_string())?;
     let monitor = governor
-        .start_rss_monitor(RssMonitorConfig::default())
+        .start_rss_monitor(
+            RssMonitorConfig::default().with_shed_below_floors(config.shed_below_floors),
+        )
         .map_err(|e| format!("RSS monitor: {e}"))?;
 
     // The sampler: every engine's grant against its limit, and real RSS against the ceiling.
@@ -356,6 +375,7 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
     sampler
         .join()
         .map_err(|_| "sampler thread panicked".to_string())?;
+    report.monitor = monitor.stats();
     drop(monitor);
 
     let expected_points = config.series * config.points_per_series;

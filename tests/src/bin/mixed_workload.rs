@@ -21,9 +21,12 @@ async fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!(
-            "mixed_workload [--small] [--ungoverned] [--prometheus]\n  --small       the test-suite sizes\n  \
-             --ungoverned  the same work with budgets too large to matter (the no-governor baseline)\n  \
-             --prometheus  print the final metrics"
+            "mixed_workload [--small] [--ungoverned] [--ceiling-mib N] [--keep-floors] [--prometheus]\n  \
+             --small          the test-suite sizes\n  \
+             --ungoverned     the same work with budgets too large to matter (the no-governor baseline)\n  \
+             --ceiling-mib N  a different global ceiling (engine budgets unchanged)\n  \
+             --keep-floors    the RSS monitor never reclaims below engines' floors\n  \
+             --prometheus     print the final metrics"
         );
         return std::process::ExitCode::SUCCESS;
     }
@@ -34,6 +37,18 @@ async fn main() -> std::process::ExitCode {
     };
     if args.iter().any(|a| a == "--ungoverned") {
         config = config.ungoverned();
+    }
+    if args.iter().any(|a| a == "--keep-floors") {
+        config.shed_below_floors = false;
+    }
+    if let Some(i) = args.iter().position(|a| a == "--ceiling-mib") {
+        match args.get(i + 1).and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) if n > 0 => config.ceiling = governor_core::mib(n),
+            _ => {
+                eprintln!("--ceiling-mib needs a positive number of MiB");
+                return std::process::ExitCode::from(2);
+            }
+        }
     }
     println!("running the mixed workload: {config:?}");
     match run(config).await {
