@@ -90,7 +90,7 @@ impl Books {
         Self {
             configured,
             ledger,
-            nodes: NodeLedger::new(&config.node_ceilings),
+            nodes: NodeLedger::new(&config.node_ceilings, config.shards),
             counters: Default::default(),
             global_rejections: AtomicU64::new(0),
             engine_pressure: std::array::from_fn(|_| PressureSignal::new()),
@@ -162,7 +162,7 @@ impl Books {
             return Ok(());
         };
         let index = usize::from(node);
-        nodes.grant(index, bytes).map_err(|reserved| {
+        nodes.grant(index, thread_shard(), bytes).map_err(|reserved| {
             self.counters[engine.index()]
                 .rejections
                 .fetch_add(1, Ordering::Relaxed);
@@ -181,7 +181,7 @@ impl Books {
     /// Gives back `bytes` a token held on `node`.
     pub(crate) fn release_node(&self, node: u16, bytes: usize) {
         if let Some(nodes) = self.nodes.as_ref().filter(|_| node != NO_NODE && bytes > 0) {
-            nodes.release(usize::from(node), bytes);
+            nodes.release(usize::from(node), thread_shard(), bytes);
         }
     }
 

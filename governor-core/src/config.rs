@@ -200,8 +200,9 @@ impl GovernorConfigBuilder {
     /// Nodes without a sub-ceiling are bounded by the global ceiling only. The sub-ceilings
     /// must add up to at most the ceiling.
     ///
-    /// Costs one more atomic operation per admission and release, on a counter shared by the
-    /// node's threads, so leave it unset on machines with one node.
+    /// Costs one more atomic operation per admission and release, on the thread's own node
+    /// credit (per-thread credit, like engine budgets), so it is cheap but not free: leave it
+    /// unset on machines with one node.
     #[must_use]
     pub fn numa_node_ceiling(mut self, node: usize, bytes: usize) -> Self {
         self.node_ceilings.push((node, bytes));

@@ -37,9 +37,10 @@
 //! denial) and retries, so a single thread sees exact answers: a reservation fails if and only
 //! if `reserved + n` exceeds the limit or the ceiling.
 //!
-//! With NUMA node sub-ceilings configured, a [`NodeLedger`] adds one more CAS-checked counter
-//! per node, taken before the engine's and rolled back if the engine or the ceiling says no;
-//! it has no credit, so node bounds are exact at the price of one shared atomic per call.
+//! With NUMA node sub-ceilings configured, a [`NodeLedger`] adds one more bound per node,
+//! taken before the engine's and rolled back if the engine or the ceiling says no. It has
+//! per-thread credit of its own (same quantum rule, same drain-before-denial), so a node's
+//! threads do not share one counter on the hot path.
 //!
 //! `charge` (memory already resident) raises both counters unchecked: it is a fact, not a
 //! request. It can push an engine past its limit; then every admission is denied until the
@@ -639,69 +640,172 @@ impl Ledger {
     }
 }
 
-/// Per-NUMA-node books: what all engines hold on each bounded node, raised only by a CAS
-/// against the node's sub-ceiling, so `held(node) ≤ ceiling(node)` at every instant like the
-/// other bounds. It has no credit: a node's counter moves on every admission and release of a
-/// token on that node, which is why node ceilings are opt-in.
+/// Per-NUMA-node books: what all engines hold on each node with a row, granted only by a CAS
+/// against the node's sub-ceiling, so `granted(node) ≤ ceiling(node)` at every instant like
+/// the other bounds.
+///
+/// Like engine rows, node rows hand out per-thread *credit* (a quantum granted ahead, at most
+/// two quanta idle per shard, all shards together at most 1/32 of the sub-ceiling), so that
+/// threads of one node do not all hit one counter; a denial first drains the node's idle
+/// credit and retries, so a single thread still sees exact answers. Node credit is separate
+/// from engine credit because one token's bytes count against one engine *and* one node,
+/// and the two are bounded independently.
 #[derive(Debug)]
 pub(crate) struct NodeLedger {
-    ceilings: Box<[usize]>,
-    held: Box<[CachePadded<AtomicUsize>]>,
+    rows: Box<[NodeRow]>,
 }
 
-impl NodeLedger {
-    /// Books for `(node, ceiling)` pairs; `None` when there are none. Nodes between the listed
-    /// ones are counted without a bound; nodes above the highest are not counted.
-    pub(crate) fn new(ceilings: &[(usize, usize)]) -> Option<Self> {
-        let len = ceilings.iter().map(|&(node, _)| node + 1).max()?;
-        let mut bounds = vec![usize::MAX; len];
-        for &(node, bytes) in ceilings {
-            bounds[node] = bytes;
-        }
-        Some(Self {
-            ceilings: bounds.into_boxed_slice(),
-            held: (0..len).map(|_| CachePadded(AtomicUsize::new(0))).collect(),
-        })
+#[derive(Debug)]
+struct NodeRow {
+    /// `usize::MAX` for a node that is counted but bounded only globally.
+    ceiling: usize,
+    quantum: usize,
+    /// Held by tokens plus idle credit.
+    granted: CachePadded<AtomicUsize>,
+    credit: Box<[CachePadded<AtomicUsize>]>,
+}
+
+impl NodeRow {
+    fn credit(&self, shard: usize) -> &AtomicUsize {
+        &self.credit[shard & (self.credit.len() - 1)]
     }
 
-    /// True when `node` has a row here.
-    pub(crate) fn tracks(&self, node: usize) -> bool {
-        node < self.held.len()
-    }
-
-    /// Nodes with a row, in order.
-    pub(crate) fn nodes(&self) -> std::ops::Range<usize> {
-        0..self.held.len()
-    }
-
-    /// The node's sub-ceiling (`usize::MAX` when it has none).
-    pub(crate) fn ceiling(&self, node: usize) -> usize {
-        self.ceilings[node]
-    }
-
-    /// Bytes held on `node`.
-    pub(crate) fn held(&self, node: usize) -> usize {
-        self.held[node].load(Ordering::Acquire)
-    }
-
-    /// Takes `bytes` on `node` if its sub-ceiling allows; otherwise returns what it held.
-    pub(crate) fn grant(&self, node: usize, bytes: usize) -> Result<(), usize> {
-        let ceiling = self.ceilings[node];
-        self.held[node]
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
-                h.checked_add(bytes).filter(|&n| n <= ceiling)
+    /// Raises `granted` by `bytes` if the sub-ceiling allows.
+    fn grant(&self, bytes: usize) -> Result<(), usize> {
+        let ceiling = self.ceiling;
+        self.granted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |g| {
+                g.checked_add(bytes).filter(|&n| n <= ceiling)
             })
             .map(|_| ())
     }
 
-    /// Books `bytes` on `node` unchecked (resident memory, see `Ledger::charge`).
-    pub(crate) fn charge(&self, node: usize, bytes: usize) {
-        self.held[node].fetch_add(bytes, Ordering::AcqRel);
+    fn ungrant(&self, bytes: usize) {
+        if bytes > 0 {
+            self.granted.fetch_sub(bytes, Ordering::AcqRel);
+        }
     }
 
-    /// Gives back `bytes` a token held on `node`.
-    pub(crate) fn release(&self, node: usize, bytes: usize) {
-        self.held[node].fetch_sub(bytes, Ordering::AcqRel);
+    fn drain(&self) {
+        for credit in &*self.credit {
+            self.ungrant(credit.swap(0, Ordering::AcqRel));
+        }
+    }
+
+    fn held(&self) -> usize {
+        let idle: usize = self.credit.iter().map(|c| c.load(Ordering::Acquire)).sum();
+        self.granted.load(Ordering::Acquire).saturating_sub(idle)
+    }
+}
+
+impl NodeLedger {
+    /// Books for `(node, ceiling)` pairs with `shards` credit shards per node (a power of two,
+    /// as for engines); `None` when there are no pairs. Nodes between the listed ones are
+    /// counted without a bound; nodes above the highest are not counted.
+    pub(crate) fn new(ceilings: &[(usize, usize)], shards: usize) -> Option<Self> {
+        let len = ceilings.iter().map(|&(node, _)| node + 1).max()?;
+        let shards = shards.max(1).next_power_of_two();
+        let mut bounds = vec![usize::MAX; len];
+        for &(node, bytes) in ceilings {
+            bounds[node] = bytes;
+        }
+        let rows = bounds
+            .into_iter()
+            .map(|ceiling| NodeRow {
+                ceiling,
+                quantum: quantum_for(ceiling, shards),
+                granted: CachePadded(AtomicUsize::new(0)),
+                credit: (0..shards)
+                    .map(|_| CachePadded(AtomicUsize::new(0)))
+                    .collect(),
+            })
+            .collect();
+        Some(Self { rows })
+    }
+
+    /// True when `node` has a row here.
+    pub(crate) fn tracks(&self, node: usize) -> bool {
+        node < self.rows.len()
+    }
+
+    /// Nodes with a row, in order.
+    pub(crate) fn nodes(&self) -> std::ops::Range<usize> {
+        0..self.rows.len()
+    }
+
+    /// The node's sub-ceiling (`usize::MAX` when it has none).
+    pub(crate) fn ceiling(&self, node: usize) -> usize {
+        self.rows[node].ceiling
+    }
+
+    /// Bytes held by tokens on `node` (exact when no operation is in flight).
+    pub(crate) fn held(&self, node: usize) -> usize {
+        self.rows[node].held()
+    }
+
+    /// Bytes granted on `node`: held plus idle credit; never above the sub-ceiling except
+    /// through `charge`.
+    pub(crate) fn granted(&self, node: usize) -> usize {
+        self.rows[node].granted.load(Ordering::Acquire)
+    }
+
+    /// Takes `bytes` on `node` through `shard` if its sub-ceiling allows; otherwise returns
+    /// what the node's tokens held.
+    pub(crate) fn grant(&self, node: usize, shard: usize, bytes: usize) -> Result<(), usize> {
+        let row = &self.rows[node];
+        let credit = row.credit(shard);
+        if credit
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+                c.checked_sub(bytes)
+            })
+            .is_ok()
+        {
+            return Ok(());
+        }
+        row.ungrant(credit.swap(0, Ordering::AcqRel));
+        if row.quantum > 0
+            && let Some(with_refill) = bytes.checked_add(row.quantum)
+            && row.grant(with_refill).is_ok()
+        {
+            credit.fetch_add(row.quantum, Ordering::AcqRel);
+            return Ok(());
+        }
+        if row.grant(bytes).is_ok() {
+            return Ok(());
+        }
+        // Before saying no, take back every shard's idle credit of the node.
+        row.drain();
+        row.grant(bytes).map_err(|_| row.held())
+    }
+
+    /// Books `bytes` on `node` unchecked (resident memory, see `Ledger::charge`); idle credit
+    /// is returned so that it cannot admit past an overcommitted sub-ceiling.
+    pub(crate) fn charge(&self, node: usize, bytes: usize) {
+        let row = &self.rows[node];
+        let before = row.granted.fetch_add(bytes, Ordering::AcqRel);
+        if before.saturating_add(bytes) > row.ceiling {
+            row.drain();
+        }
+    }
+
+    /// Gives back `bytes` a token held on `node`, through `shard`, keeping at most two quanta
+    /// of credit there (none while the node is overcommitted).
+    pub(crate) fn release(&self, node: usize, shard: usize, bytes: usize) {
+        let row = &self.rows[node];
+        let credit = row.credit(shard);
+        let now = credit.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        let keep = if row.granted.load(Ordering::Acquire) > row.ceiling {
+            0
+        } else {
+            row.quantum
+        };
+        if (now > 2 * row.quantum || keep == 0)
+            && let Ok(before) = credit.fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+                (c > keep).then_some(keep)
+            })
+        {
+            row.ungrant(before - keep);
+        }
     }
 }
 
@@ -715,22 +819,43 @@ mod tests {
 
     #[test]
     fn node_ledger_bounds_listed_nodes_and_counts_the_ones_between() {
-        assert!(NodeLedger::new(&[]).is_none());
-        let n = NodeLedger::new(&[(0, 10), (2, 5)]).unwrap();
+        assert!(NodeLedger::new(&[], 2).is_none());
+        let n = NodeLedger::new(&[(0, 10), (2, 5)], 2).unwrap();
         assert!(n.tracks(1) && !n.tracks(3));
-        assert_eq!(n.grant(0, 10), Ok(()));
-        assert_eq!(n.grant(0, 1), Err(10));
+        assert_eq!(n.grant(0, 0, 10), Ok(()));
+        assert_eq!(n.grant(0, 1, 1), Err(10));
         assert_eq!(
-            n.grant(1, usize::MAX - 1),
+            n.grant(1, 0, usize::MAX / 2),
             Ok(()),
             "node 1 has no sub-ceiling"
         );
-        assert_eq!(n.grant(2, 6), Err(0));
+        assert_eq!(n.grant(2, 0, 6), Err(0));
         n.charge(2, 6);
         assert_eq!(n.held(2), 6);
-        assert_eq!(n.grant(2, 1), Err(6), "overcommitted by a charge");
-        n.release(2, 6);
-        assert_eq!(n.grant(2, 5), Ok(()));
+        assert_eq!(n.grant(2, 0, 1), Err(6), "overcommitted by a charge");
+        n.release(2, 0, 6);
+        assert_eq!(n.grant(2, 1, 5), Ok(()));
+    }
+
+    #[test]
+    fn node_credit_serves_small_grants_and_denials_stay_exact() {
+        // 64 KiB sub-ceiling, 2 shards: a 512-byte quantum.
+        let n = NodeLedger::new(&[(0, 64 << 10)], 2).unwrap();
+        assert_eq!(n.grant(0, 0, 100), Ok(()));
+        assert_eq!(n.granted(0), 100 + 512, "a quantum of credit came with it");
+        assert_eq!(n.held(0), 100);
+        assert_eq!(n.grant(0, 0, 100), Ok(()));
+        assert_eq!(n.granted(0), 612, "served from credit");
+        n.release(0, 1, 200);
+        assert_eq!(n.held(0), 0);
+        assert!(
+            n.granted(0) <= 2 * 2 * 512,
+            "at most two quanta idle per shard"
+        );
+        // Idle credit on both shards does not make the node refuse what fits exactly.
+        assert_eq!(n.grant(0, 1, 64 << 10), Ok(()));
+        assert_eq!(n.grant(0, 0, 1), Err(64 << 10));
+        assert_eq!(n.granted(0), 64 << 10);
     }
 
     #[test]
@@ -937,6 +1062,43 @@ mod loom_model {
             );
             let word = ledger.engine(0).shard_word(0).load(Ordering::Acquire);
             assert_eq!(handles_of(word), 0, "a handle stayed in a closed stash");
+        });
+    }
+
+    /// Two threads taking node credit and grants under one sub-ceiling: the node's grant never
+    /// passes it, the admitted bytes fit under it, and everything balances at the end.
+    #[test]
+    fn loom_node_credit_respects_the_sub_ceiling() {
+        const NODE_CEILING: usize = 256; // 2 shards: a quantum of 2 bytes
+        let mut builder = loom::model::Builder::new();
+        builder.preemption_bound = Some(3);
+        builder.check(|| {
+            let nodes = Arc::new(NodeLedger::new(&[(0, NODE_CEILING)], 2).unwrap());
+            let spawn = |shard: usize, grants: usize| {
+                let n = Arc::clone(&nodes);
+                thread::spawn(move || {
+                    let mut held = 0;
+                    for _ in 0..grants {
+                        if n.grant(0, shard, 100).is_ok() {
+                            held += 100;
+                        }
+                        assert!(n.granted(0) <= NODE_CEILING, "node over its sub-ceiling");
+                    }
+                    held
+                })
+            };
+            let (a, b) = (spawn(0, 2), spawn(1, 1));
+            let (held_a, held_b) = (a.join().unwrap(), b.join().unwrap());
+            assert!(
+                held_a + held_b <= NODE_CEILING,
+                "admitted {held_a} + {held_b}"
+            );
+            assert!(held_a + held_b >= 200, "two of the three grants always fit");
+            nodes.release(0, 0, held_a);
+            nodes.release(0, 1, held_b);
+            assert_eq!(nodes.held(0), 0);
+            nodes.rows[0].drain();
+            assert_eq!(nodes.granted(0), 0);
         });
     }
 

@@ -110,6 +110,8 @@ pub struct NumaNodeSnapshot {
     pub node: usize,
     /// Bytes held by live tokens on the node.
     pub reserved: usize,
+    /// Bytes counted against the node's sub-ceiling: `reserved` plus idle per-thread credit.
+    pub granted: usize,
     /// The node's sub-ceiling; `None` for a node counted but bounded only globally.
     pub ceiling: Option<usize>,
 }
@@ -491,6 +493,7 @@ impl MemoryGovernor {
                     .map(|node| NumaNodeSnapshot {
                         node,
                         reserved: nodes.held(node),
+                        granted: nodes.granted(node),
                         ceiling: Some(nodes.ceiling(node)).filter(|&c| c != usize::MAX),
                     })
                     .collect()
