@@ -607,50 +607,42 @@ fn tick(governor: &Arc<MemoryGovernor>, shared: &Shared) -> Result<usize, MemErr
         )
         .unwrap_or((published, last_resident));
     }
-    if config.reclaim_on_emergency && governor.global_pressure() >= PressureLevel::Emergency {
+    if config.reclaim_on_emergency {
         let thresholds = governor.config().thresholds();
         let target_used =
             (governor.ceiling() as u128 * u128::from(thresholds.critical_pct) / 100) as usize;
-        let used = governor.global_reserved() + published;
-        let excess = used.saturating_sub(target_used);
-        if excess > 0 {
-            shared.stats.lock().reclaims += 1;
-            let freed = reclaim(
-                governor,
-                ReclaimScope::Borrowers,
-                excess,
-                config.reclaim_wait,
-            );
+        // Borrowers first; if that does not end the Emergency, every holder: the floors give
+        // way to the ceiling.
+        let stages = [
+            (ReclaimScope::Borrowers, true),
+            (ReclaimScope::Holders, config.shed_below_floors),
+        ];
+        for (scope, enabled) in stages {
+            let excess = (governor.global_reserved() + published).saturating_sub(target_used);
+            if !enabled || excess == 0 || governor.global_pressure() < PressureLevel::Emergency {
+                continue;
+            }
+            {
+                let mut stats = shared.stats.lock();
+                if scope == ReclaimScope::Holders {
+                    stats.floor_reclaims += 1;
+                } else {
+                    stats.reclaims += 1;
+                }
+            }
+            let freed = reclaim(governor, scope, excess, config.reclaim_wait);
             shared.stats.lock().reclaimed_bytes += freed;
-            tracing::info!(asked = excess, freed, "RSS monitor reclaim from borrowers");
+            if scope == ReclaimScope::Holders {
+                tracing::warn!(
+                    asked = excess,
+                    freed,
+                    "RSS monitor reclaim below floors: borrowers could not end the emergency"
+                );
+            } else {
+                tracing::info!(asked = excess, freed, "RSS monitor reclaim from borrowers");
+            }
             if config.purge_on_emergency && freed > 0 && purge(&shared.stats) {
                 (published, last_resident) = remeasure(
-                    governor,
-                    &mut state.filter,
-                    &shared.stats,
-                    config.source,
-                    last_resident,
-                )
-                .unwrap_or((published, last_resident));
-            }
-        }
-        // Borrowers were not enough: the floors give way to the ceiling.
-        let used = governor.global_reserved() + published;
-        let excess = used.saturating_sub(target_used);
-        if config.shed_below_floors
-            && governor.global_pressure() >= PressureLevel::Emergency
-            && excess > 0
-        {
-            shared.stats.lock().floor_reclaims += 1;
-            let freed = reclaim(governor, ReclaimScope::Holders, excess, config.reclaim_wait);
-            shared.stats.lock().reclaimed_bytes += freed;
-            tracing::warn!(
-                asked = excess,
-                freed,
-                "RSS monitor reclaim below floors: borrowers could not end the emergency"
-            );
-            if config.purge_on_emergency && freed > 0 && purge(&shared.stats) {
-                (published, _) = remeasure(
                     governor,
                     &mut state.filter,
                     &shared.stats,
