@@ -158,7 +158,9 @@ impl Registry {
     ) -> Option<R> {
         // Taken out, not borrowed: `f` may come back here (for another consumer) and must
         // find the cell usable; it then simply misses.
-        let cached = LAST_CONSUMER.with(Cell::take);
+        // `try_with`: a reservation dropped by another thread-local's destructor must still be
+        // served, uncached, after this cell is gone.
+        let cached = LAST_CONSUMER.try_with(Cell::take).ok().flatten();
         let consumer = match cached {
             Some((registry, cid, c))
                 if registry == self.id && cid == id && !c.removed.load(Ordering::Acquire) =>
@@ -171,7 +173,8 @@ impl Registry {
             },
         };
         let result = f(&consumer);
-        LAST_CONSUMER.with(|cell| cell.set(Some((self.id, id, consumer))));
+        // If the cell is gone (thread exiting), the entry is simply dropped.
+        let _ = LAST_CONSUMER.try_with(|cell| cell.set(Some((self.id, id, consumer))));
         Some(result)
     }
 

@@ -404,4 +404,34 @@ mod tests {
         drop(merged);
         assert!(books.upgrade().is_none(), "the last token frees the books");
     }
+
+    /// A token too large for a shard's credit bits goes straight back to the counters on
+    /// drop, and pressure is refreshed after it (the handle is not parked in that step).
+    #[test]
+    fn a_huge_token_drops_through_the_counters_and_refreshes_pressure() {
+        let tib = |n: usize| n << 40;
+        let config = GovernorConfig::builder()
+            .global_ceiling(tib(64))
+            .engine(EngineId::Query, EngineBudget::new(tib(32)))
+            .build()
+            .expect("valid config");
+        let governor = MemoryGovernor::new(config).expect("governor");
+        let token = governor
+            .try_reserve(EngineId::Query, tib(31))
+            .expect("room");
+        assert_eq!(
+            governor.engine_pressure(EngineId::Query),
+            crate::PressureLevel::Emergency
+        );
+        drop(token);
+        assert_eq!(governor.reserved(EngineId::Query), 0);
+        assert!(
+            governor.granted(EngineId::Query) <= crate::mib(2),
+            "at most idle credit"
+        );
+        assert_eq!(
+            governor.engine_pressure(EngineId::Query),
+            crate::PressureLevel::Normal
+        );
+    }
 }

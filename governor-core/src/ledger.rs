@@ -119,7 +119,8 @@ pub(crate) struct Applied {
     /// Credit taken off the shard that the caller must hand back with [`Ledger::ungrant`].
     pub(crate) trimmed: usize,
     /// The handle went into the stash: the caller no longer owns a count of the books and must
-    /// not touch them again. Never true when `trimmed > 0` or when a waiter may need waking.
+    /// not touch them again. Never true when the counters moved (`trimmed > 0`, or a large
+    /// release bypassed the shard) or when a waiter may need waking.
     pub(crate) handle_stashed: bool,
 }
 
@@ -149,8 +150,14 @@ impl ReleasePlan<'_> {
             let now = credit_of(w) + bytes;
             let trim = now > keep && (now > 2 * quantum || keep == 0);
             applied.trimmed = if trim { now - keep } else { 0 };
-            applied.handle_stashed =
-                handle && !trim && !strict && w & CLOSED == 0 && handles_of(w) < STASH_MAX;
+            // Not when the counters moved (a large release bypassed the shard): pressure must
+            // be refreshed afterwards, which needs the books.
+            applied.handle_stashed = handle
+                && !trim
+                && !strict
+                && !moved
+                && w & CLOSED == 0
+                && handles_of(w) < STASH_MAX;
             let credit = if trim { keep } else { now };
             let stashed = if applied.handle_stashed { HANDLE } else { 0 };
             Some((w & !CREDIT) + credit + stashed)
