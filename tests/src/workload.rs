@@ -59,6 +59,8 @@ pub struct WorkloadConfig {
     /// Whether the RSS monitor may reclaim below engines' floors when borrowers are not enough
     /// (its default; off only to measure what that buys).
     pub shed_below_floors: bool,
+    /// The RSS monitor's sampling interval.
+    pub monitor_interval: Duration,
 }
 
 impl WorkloadConfig {
@@ -83,6 +85,7 @@ impl WorkloadConfig {
             sql_queries: 4,
             partitions: 2,
             shed_below_floors: true,
+            monitor_interval: governor_core::rss_monitor::DEFAULT_RSS_MONITOR_INTERVAL,
         }
     }
 
@@ -122,6 +125,7 @@ impl WorkloadConfig {
             sql_queries: 2,
             partitions: 2,
             shed_below_floors: true,
+            monitor_interval: governor_core::rss_monitor::DEFAULT_RSS_MONITOR_INTERVAL,
         }
     }
 }
@@ -266,7 +270,9 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
     .map_err(|e| e.to_string())?;
     let monitor = governor
         .start_rss_monitor(
-            RssMonitorConfig::default().with_shed_below_floors(config.shed_below_floors),
+            RssMonitorConfig::default()
+                .with_shed_below_floors(config.shed_below_floors)
+                .with_interval(config.monitor_interval),
         )
         .map_err(|e| format!("RSS monitor: {e}"))?;
 

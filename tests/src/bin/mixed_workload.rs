@@ -21,11 +21,12 @@ async fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!(
-            "mixed_workload [--small] [--ungoverned] [--ceiling-mib N] [--keep-floors] [--prometheus]\n  \
+            "mixed_workload [--small] [--ungoverned] [--ceiling-mib N] [--keep-floors] [--monitor-ms N] [--prometheus]\n  \
              --small          the test-suite sizes\n  \
              --ungoverned     the same work with budgets too large to matter (the no-governor baseline)\n  \
              --ceiling-mib N  a different global ceiling (engine budgets unchanged)\n  \
              --keep-floors    the RSS monitor never reclaims below engines' floors\n  \
+             --monitor-ms N   the RSS monitor's sampling interval (default 100)\n  \
              --prometheus     print the final metrics"
         );
         return std::process::ExitCode::SUCCESS;
@@ -40,6 +41,15 @@ async fn main() -> std::process::ExitCode {
     }
     if args.iter().any(|a| a == "--keep-floors") {
         config.shed_below_floors = false;
+    }
+    if let Some(i) = args.iter().position(|a| a == "--monitor-ms") {
+        match args.get(i + 1).and_then(|n| n.parse::<u64>().ok()) {
+            Some(n) if n > 0 => config.monitor_interval = std::time::Duration::from_millis(n),
+            _ => {
+                eprintln!("--monitor-ms needs a positive number of milliseconds");
+                return std::process::ExitCode::from(2);
+            }
+        }
     }
     if let Some(i) = args.iter().position(|a| a == "--ceiling-mib") {
         match args.get(i + 1).and_then(|n| n.parse::<usize>().ok()) {
