@@ -61,9 +61,11 @@
 //! Reservations are promises, not RSS. The `alloc` module reads jemalloc's and the kernel's
 //! figures; the `rss_monitor` charges the gap between real resident memory and Σ reserved to an
 //! *untracked* account, so the room for reservations shrinks when memory leaks out of the
-//! books. The `numa` module places threads and arenas on NUMA nodes, and optional per-node
-//! sub-ceilings bound what all engines together hold on each node (the `node` module says
-//! which node a reservation counts against).
+//! books; at Emergency it purges jemalloc and reclaims from borrowers, and if that is not
+//! enough, from every holder below its floor too (floors protect an engine from other
+//! engines, not from the process passing its ceiling). The `numa` module places threads and
+//! arenas on NUMA nodes, and optional per-node sub-ceilings bound what all engines together
+//! hold on each node (the `node` module says which node a reservation counts against).
 //!
 //! ## Example
 //!
