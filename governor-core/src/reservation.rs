@@ -185,6 +185,7 @@ impl fmt::Debug for ReservationToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ReservationToken")
             .field("engine", &self.engine)
+            .field("numa_node", &self.numa_node())
             .field("size", &self.size)
             .finish_non_exhaustive()
     }
