@@ -13,13 +13,15 @@ use std::time::{Duration, Instant};
 
 use governor_core::{EngineBudget, EngineId, GovernorConfig, MemoryGovernor, gib, mib};
 use hnsw_adapter::{HnswCache, HnswParams, SegmentId};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+
+// The tests' fixtures: the same clustered vectors (and dimension) the tests search.
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::{DIM, vectors};
 
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
-const DIM: usize = 32;
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -39,21 +41,6 @@ fn governor(vector_limit: usize) -> Arc<MemoryGovernor> {
         .build()
         .expect("config");
     MemoryGovernor::new(config).expect("governor")
-}
-
-fn vectors(n: usize, seed: u64) -> Vec<Vec<f32>> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let centers: Vec<Vec<f32>> = (0..16)
-        .map(|_| (0..DIM).map(|_| rng.random_range(-1.0..1.0)).collect())
-        .collect();
-    (0..n)
-        .map(|i| {
-            centers[i % 16]
-                .iter()
-                .map(|x| x + rng.random_range(-0.35..0.35))
-                .collect()
-        })
-        .collect()
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

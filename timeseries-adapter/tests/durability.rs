@@ -10,7 +10,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::{FlakyFlusher, assert_bit_eq, governor, series_points};
-use governor_core::{EngineBudget, EngineId, GovernorConfig, MemoryGovernor, PressureLevel, mib};
+use governor_core::{
+    DEFAULT_RECLAIM_TIMEOUT, EngineBudget, EngineId, GovernorConfig, MemoryGovernor, PressureLevel,
+    mib,
+};
 use timeseries_adapter::{
     FileSegmentFlusher, IngestError, Point, QueryError, SegmentError, SeriesId, TimeseriesAdapter,
 };
@@ -229,8 +232,9 @@ async fn corrupt_and_torn_segments_are_reported_on_restart_and_never_used() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn governor_reclaim_flushes_the_memtable() {
+/// Timeseries may borrow up to 12 of 16 MiB while the Query engine's 8 MiB floor is idle, so
+/// a reclaim for Query lands on Timeseries; `reclaim_timeout` bounds each reclaimer call.
+fn borrowing_governor(reclaim_timeout: Duration) -> Arc<MemoryGovernor> {
     let config = GovernorConfig::builder()
         .global_ceiling(mib(16))
         .engine(EngineId::Timeseries, EngineBudget::new(mib(12)))
@@ -238,9 +242,15 @@ async fn governor_reclaim_flushes_the_memtable() {
             EngineId::Query,
             EngineBudget::new(mib(12)).with_floor(mib(8)),
         )
+        .reclaim_timeout(reclaim_timeout)
         .build()
         .unwrap();
-    let gov = MemoryGovernor::new(config).unwrap();
+    MemoryGovernor::new(config).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn governor_reclaim_flushes_the_memtable() {
+    let gov = borrowing_governor(DEFAULT_RECLAIM_TIMEOUT);
     let dir = tempfile::tempdir().unwrap();
     let ts = TimeseriesAdapter::builder(Arc::clone(&gov))
         .flusher(Arc::new(FileSegmentFlusher::new(dir.path()).unwrap()))
@@ -330,17 +340,7 @@ impl timeseries_adapter::SegmentFlusher for SlowFlusher {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reclaim_that_times_out_does_not_abandon_its_flush() {
-    let config = GovernorConfig::builder()
-        .global_ceiling(mib(16))
-        .engine(EngineId::Timeseries, EngineBudget::new(mib(12)))
-        .engine(
-            EngineId::Query,
-            EngineBudget::new(mib(12)).with_floor(mib(8)),
-        )
-        .reclaim_timeout(Duration::from_millis(30))
-        .build()
-        .unwrap();
-    let gov = MemoryGovernor::new(config).unwrap();
+    let gov = borrowing_governor(Duration::from_millis(30));
     let dir = tempfile::tempdir().unwrap();
     let ts = TimeseriesAdapter::builder(Arc::clone(&gov))
         .flusher(Arc::new(SlowFlusher {
