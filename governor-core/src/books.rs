@@ -231,10 +231,8 @@ impl Books {
     /// Gives `bytes` of a live token on `node` back.
     pub(crate) fn give_back(&self, engine: EngineId, node: u16, bytes: usize) {
         self.release_node(node, bytes);
-        if self.ledger.release(self.row(engine), thread_shard(), bytes) {
-            self.refresh_pressure(engine);
-        }
-        self.wake_waiters();
+        let moved = self.ledger.release(self.row(engine), thread_shard(), bytes);
+        self.finish_release(engine, 0, moved);
     }
 
     fn wake_waiters(&self) {
@@ -243,9 +241,10 @@ impl Books {
         }
     }
 
-    /// What is left to do after a token's release could not stash its handle in the same
-    /// step: return trimmed credit, refresh pressure, wake waiters. The caller still owns its
-    /// handle and offers it to the stash afterwards.
+    /// What is left to do after bytes went back to the shard: return trimmed credit, refresh
+    /// pressure if the counters moved, wake waiters. A dropped token calls it only when its
+    /// handle could not be stashed in the same step; it still owns the handle and offers it to
+    /// the stash afterwards.
     pub(crate) fn finish_release(&self, engine: EngineId, trimmed: usize, moved: bool) {
         self.ledger.ungrant(self.row(engine), trimmed);
         if moved {
