@@ -1,0 +1,625 @@
+//! [`DocStore`]: resident documents in a governed cache, remote updates in a governed write
+//! buffer, snapshots and update logs in redb.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use governed_blocks::{
+    Batch, BatchSink, BufferStats, CacheError, CacheStats, EvictionHook, GovernedCache,
+    GovernedWriteBuffer, PersistError, Weighted,
+};
+use governor_core::{EngineId, MemoryGovernor, ReservationToken};
+use loro::{ExportMode, LoroDoc, LoroValue, VersionVector};
+use parking_lot::{Mutex, RwLock};
+use redb::{Database, ReadableDatabase};
+
+use crate::error::CrdtError;
+use crate::model;
+use crate::store::{self, Stored};
+
+const ENGINE: EngineId = EngineId::Crdt;
+
+/// The longest document id accepted, in bytes.
+pub const MAX_ID_BYTES: usize = 1024;
+
+/// Figures of one store.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DocStats {
+    /// Resident documents.
+    pub cache: CacheStats,
+    /// Remote updates waiting to be logged.
+    pub buffer: BufferStats,
+    /// Bytes reserved for the store's own page cache (fixed at open).
+    pub store_cache_bytes: usize,
+}
+
+/// A remote update waiting in the write buffer.
+#[derive(Debug)]
+struct RemoteUpdate {
+    id: String,
+    bytes: Vec<u8>,
+}
+
+impl Weighted for RemoteUpdate {
+    fn heap_bytes(&self) -> usize {
+        self.id.capacity().saturating_add(self.bytes.capacity())
+    }
+}
+
+/// What the store knows about a resident document besides the document itself.
+struct EntryState {
+    /// Local edits since the last snapshot or logged delta.
+    dirty: bool,
+    /// Version the store holds for this document (snapshot plus logged deltas of ours).
+    persisted_vv: VersionVector,
+    /// Highest log sequence number this document has applied.
+    applied_through: u64,
+    /// An import left updates pending (missing dependencies): keep the whole log.
+    has_pending: bool,
+    /// Highest write-buffer sequence number imported.
+    buffer_seen: u64,
+    /// Encoded bytes the document was built from (for the byte model).
+    encoded: usize,
+}
+
+/// A resident document.
+pub(crate) struct DocEntry {
+    id: String,
+    doc: LoroDoc,
+    state: Mutex<EntryState>,
+}
+
+impl DocEntry {
+    fn charge(&self, st: &EntryState) -> usize {
+        model::charge(self.doc.len_ops(), st.encoded)
+    }
+}
+
+struct Shared {
+    db: Arc<Database>,
+    cache: GovernedCache<String, DocEntry>,
+    /// Loads hold it shared from reading the store until the document is resident and has
+    /// caught up with the buffer; a flush holds it exclusively from its commit until every
+    /// resident document has the flushed updates, so no load misses an update that has
+    /// left the buffer.
+    publish: RwLock<()>,
+}
+
+/// Imports `bytes` into a resident document and records what that changed.
+fn import_into(e: &DocEntry, st: &mut EntryState, bytes: &[u8]) -> Result<(), CrdtError> {
+    let status = e
+        .doc
+        .import(bytes)
+        .map_err(|source| CrdtError::MalformedUpdate {
+            id: e.id.clone(),
+            source,
+        })?;
+    st.has_pending |= status.pending.is_some();
+    st.encoded = st.encoded.saturating_add(bytes.len());
+    Ok(())
+}
+
+/// Writes a document's snapshot and drops the log entries it covers.
+fn snapshot_and_compact(db: &Database, e: &DocEntry, st: &mut EntryState) -> Result<(), CrdtError> {
+    let snapshot = e
+        .doc
+        .export(ExportMode::Snapshot)
+        .map_err(|err| CrdtError::Export {
+            id: e.id.clone(),
+            reason: err.to_string(),
+        })?;
+    store::write_snapshot(db, &e.id, &snapshot, st.applied_through, st.has_pending)?;
+    st.dirty = false;
+    st.persisted_vv = e.doc.oplog_vv();
+    Ok(())
+}
+
+/// Persists a changed document before the cache drops it.
+struct PersistOnEvict(Arc<Database>);
+
+impl EvictionHook<String, DocEntry> for PersistOnEvict {
+    fn before_evict(&self, _id: &String, e: &DocEntry) -> Result<(), PersistError> {
+        let mut st = e.state.lock();
+        if !st.dirty {
+            // Snapshot plus log already hold everything it applied; buffered updates it
+            // imported early are still in the buffer.
+            return Ok(());
+        }
+        snapshot_and_compact(&self.0, e, &mut st)
+            .map_err(|err| PersistError::new(format!("snapshot of {:?}", e.id), err))
+    }
+}
+
+/// Logs a batch of remote updates, then applies it to the resident documents.
+struct Sink(Arc<Shared>);
+
+impl BatchSink<RemoteUpdate> for Sink {
+    fn write(&self, batch: &Batch<RemoteUpdate>) -> Result<(), PersistError> {
+        let shared = &self.0;
+        let _publish = shared.publish.write();
+        let seqs = store::append_log(
+            &shared.db,
+            batch
+                .items()
+                .iter()
+                .map(|u| (u.id.as_str(), u.bytes.as_slice())),
+        )
+        .map_err(|e| PersistError::new("logging remote updates", e))?;
+        for (i, (u, log_seq)) in batch.items().iter().zip(seqs).enumerate() {
+            let Some(e) = shared.cache.peek(&u.id) else {
+                continue;
+            };
+            let buffer_seq = batch.first_seq() + i as u64;
+            let mut st = e.state.lock();
+            if buffer_seq > st.buffer_seen {
+                if let Err(err) = import_into(&e, &mut st, &u.bytes) {
+                    // Logged and checked at receipt: a failure here is loro's, and the
+                    // next load will meet it again and report it.
+                    tracing::error!(doc = %u.id, error = %err, "logged update failed to apply to the resident document");
+                    st.has_pending = true;
+                }
+                st.buffer_seen = buffer_seq;
+            }
+            st.applied_through = st.applied_through.max(log_seq);
+            let bytes = e.charge(&st);
+            drop(st);
+            drop(e);
+            // The memory exists already: charge it even past the limit (pressure follows).
+            let _ = shared.cache.resize(&u.id, bytes, true);
+        }
+        Ok(())
+    }
+}
+
+/// Builds a [`DocStore`]; see [`DocStore::builder`].
+pub struct DocStoreBuilder {
+    governor: Arc<MemoryGovernor>,
+    path: PathBuf,
+    store_cache_bytes: usize,
+    edit_headroom: usize,
+    chunk: usize,
+    flush_bytes: usize,
+    wait: Duration,
+    name: String,
+}
+
+impl DocStoreBuilder {
+    /// Bytes of redb's own page cache, reserved from the Crdt budget at open (default 1 MiB).
+    #[must_use]
+    pub fn store_cache_bytes(mut self, bytes: usize) -> Self {
+        self.store_cache_bytes = bytes;
+        self
+    }
+
+    /// Bytes reserved for a document before a local edit runs (default 16 KiB); the edit's
+    /// actual growth is measured after and charged.
+    #[must_use]
+    pub fn edit_headroom(mut self, bytes: usize) -> Self {
+        self.edit_headroom = bytes;
+        self
+    }
+
+    /// Bytes the update buffer takes from the governor at a time (default 64 KiB).
+    #[must_use]
+    pub fn chunk_bytes(mut self, bytes: usize) -> Self {
+        self.chunk = bytes;
+        self
+    }
+
+    /// Buffered update bytes that start a flush whatever the pressure (default 4 MiB).
+    #[must_use]
+    pub fn flush_bytes(mut self, bytes: usize) -> Self {
+        self.flush_bytes = bytes;
+        self
+    }
+
+    /// How long `receive` may wait for memory before it refuses (default 2 s).
+    #[must_use]
+    pub fn receive_wait(mut self, wait: Duration) -> Self {
+        self.wait = wait;
+        self
+    }
+
+    /// Name in metrics (default `crdt`).
+    #[must_use]
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Opens (or creates) the store file and registers the document cache and the update
+    /// buffer with the governor.
+    pub fn open(self) -> Result<DocStore, CrdtError> {
+        let store_token = self
+            .governor
+            .try_reserve(ENGINE, self.store_cache_bytes)
+            .map_err(|source| CrdtError::NoRoomForStore {
+                bytes: self.store_cache_bytes,
+                source,
+            })?;
+        let db = store::open(&self.path, self.store_cache_bytes)?;
+        let db = Arc::new(db);
+        let cache = GovernedCache::builder(Arc::clone(&self.governor), ENGINE)
+            .name(format!("{}-documents", self.name))
+            .eviction_hook(Arc::new(PersistOnEvict(Arc::clone(&db))))
+            .build()?;
+        let shared = Arc::new(Shared {
+            db,
+            cache,
+            publish: RwLock::new(()),
+        });
+        let buffer = GovernedWriteBuffer::builder(
+            Arc::clone(&self.governor),
+            ENGINE,
+            Arc::new(Sink(Arc::clone(&shared))),
+        )
+        .name(format!("{}-updates", self.name))
+        .chunk_bytes(self.chunk)
+        .flush_bytes(self.flush_bytes)
+        .wait(self.wait)
+        .build()?;
+        Ok(DocStore {
+            shared,
+            buffer,
+            edit_headroom: self.edit_headroom,
+            path: self.path,
+            store_token,
+        })
+    }
+}
+
+/// Collaborative documents (loro CRDTs) under the Crdt engine's budget. See the crate
+/// documentation for the design and what "acknowledged" means.
+pub struct DocStore {
+    shared: Arc<Shared>,
+    buffer: GovernedWriteBuffer<RemoteUpdate>,
+    edit_headroom: usize,
+    path: PathBuf,
+    store_token: ReservationToken,
+}
+
+impl std::fmt::Debug for DocStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DocStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn check_id(id: &str) -> Result<(), CrdtError> {
+    let bad = |reason| CrdtError::InvalidId {
+        id: id.chars().take(64).collect(),
+        reason,
+    };
+    if id.is_empty() {
+        return Err(bad("empty"));
+    }
+    if id.len() > MAX_ID_BYTES {
+        return Err(bad("longer than MAX_ID_BYTES"));
+    }
+    Ok(())
+}
+
+impl DocStore {
+    /// Starts a builder for the store in `path`.
+    pub fn builder(governor: Arc<MemoryGovernor>, path: impl AsRef<Path>) -> DocStoreBuilder {
+        DocStoreBuilder {
+            governor,
+            path: path.as_ref().to_owned(),
+            store_cache_bytes: 1024 * 1024,
+            edit_headroom: 16 * 1024,
+            chunk: 64 * 1024,
+            flush_bytes: 4 * 1024 * 1024,
+            wait: Duration::from_secs(2),
+            name: "crdt".to_owned(),
+        }
+    }
+
+    /// Creates an empty document. Durable when it returns.
+    pub fn create(&self, id: &str) -> Result<(), CrdtError> {
+        check_id(id)?;
+        let empty = LoroDoc::new()
+            .export(ExportMode::Snapshot)
+            .map_err(|e| CrdtError::Export {
+                id: id.to_owned(),
+                reason: e.to_string(),
+            })?;
+        if store::create(&self.shared.db, id, &empty)? {
+            Ok(())
+        } else {
+            Err(CrdtError::DocumentExists { id: id.to_owned() })
+        }
+    }
+
+    /// True when the document exists.
+    pub fn exists(&self, id: &str) -> Result<bool, CrdtError> {
+        check_id(id)?;
+        store::exists(&self.shared.db, id)
+    }
+
+    /// Runs a local edit on the document (loading it if cold) and commits it in loro.
+    /// Reserves the edit headroom first (evicting colder documents; fails with
+    /// [`CrdtError::Cache`] if even that cannot be had, without running `edit`), then
+    /// charges what the document actually grew to. Durable after the next
+    /// [`DocStore::commit`] (or when the document is evicted).
+    pub fn edit<R>(&self, id: &str, edit: impl FnOnce(&LoroDoc) -> R) -> Result<R, CrdtError> {
+        let e = self.resident(id)?;
+        let key = e.id.clone();
+        let before = {
+            let st = e.state.lock();
+            e.charge(&st)
+        };
+        self.shared
+            .cache
+            .resize(&key, before.saturating_add(self.edit_headroom), false)?;
+        let mut st = e.state.lock();
+        let vv = e.doc.oplog_vv();
+        let out = edit(&e.doc);
+        e.doc.commit();
+        if e.doc.oplog_vv() != vv {
+            let delta =
+                e.doc
+                    .export(ExportMode::updates(&vv))
+                    .map_err(|err| CrdtError::Export {
+                        id: key.clone(),
+                        reason: err.to_string(),
+                    })?;
+            st.encoded = st.encoded.saturating_add(delta.len());
+            st.dirty = true;
+        }
+        let after = e.charge(&st);
+        drop(st);
+        drop(e);
+        // The edit's memory exists: charge it even past the limit; pressure follows.
+        self.shared.cache.resize(&key, after, true)?;
+        Ok(out)
+    }
+
+    /// Accepts an update (or snapshot) from a remote peer for the document. The bytes are
+    /// checked first (header and checksum): malformed bytes are refused with
+    /// [`CrdtError::MalformedUpdate`] and nothing is buffered. Reads see the update at
+    /// once; it is durable after the next [`DocStore::commit`] returns (or an earlier flush).
+    pub async fn receive(&self, id: &str, update: Vec<u8>) -> Result<(), CrdtError> {
+        check_id(id)?;
+        LoroDoc::decode_import_blob_meta(&update, true).map_err(|source| {
+            CrdtError::MalformedUpdate {
+                id: id.to_owned(),
+                source,
+            }
+        })?;
+        if !self.shared.cache.contains(&id.to_owned()) && !store::exists(&self.shared.db, id)? {
+            return Err(CrdtError::UnknownDocument { id: id.to_owned() });
+        }
+        self.buffer
+            .append(RemoteUpdate {
+                id: id.to_owned(),
+                bytes: update,
+            })
+            .await
+            .map(drop)
+            .map_err(|e| CrdtError::Refused {
+                id: id.to_owned(),
+                reason: Box::new(e.reason),
+            })
+    }
+
+    /// The document's current value (every container, deeply), loading it if cold.
+    pub fn value(&self, id: &str) -> Result<LoroValue, CrdtError> {
+        Ok(self.resident(id)?.doc.get_deep_value())
+    }
+
+    /// The document's full state as a loro snapshot, for a peer or a backup.
+    pub fn export_snapshot(&self, id: &str) -> Result<Vec<u8>, CrdtError> {
+        let e = self.resident(id)?;
+        e.doc
+            .export(ExportMode::Snapshot)
+            .map_err(|err| CrdtError::Export {
+                id: id.to_owned(),
+                reason: err.to_string(),
+            })
+    }
+
+    /// The document's operation log version (what a peer needs to ask for updates).
+    pub fn version(&self, id: &str) -> Result<VersionVector, CrdtError> {
+        Ok(self.resident(id)?.doc.oplog_vv())
+    }
+
+    /// Makes every update received and every edit made before this call durable: when it
+    /// returns `Ok`, they survive a crash. Buffered remote updates are logged first; then
+    /// each resident document's local changes since its last persist are logged as one
+    /// delta. On error nothing acknowledged so far is lost; call again to retry.
+    pub async fn commit(&self) -> Result<(), CrdtError> {
+        self.buffer.flush().await?;
+        let entries: Vec<Arc<DocEntry>> = self
+            .shared
+            .cache
+            .keys()
+            .iter()
+            .filter_map(|k| self.shared.cache.peek(k))
+            .collect();
+        let mut locked: Vec<_> = entries
+            .iter()
+            .map(|e| (e, e.state.lock()))
+            .filter(|(_, st)| st.dirty)
+            .collect();
+        if locked.is_empty() {
+            return Ok(());
+        }
+        let mut deltas = Vec::with_capacity(locked.len());
+        for (e, st) in &locked {
+            let delta = e
+                .doc
+                .export(ExportMode::updates(&st.persisted_vv))
+                .map_err(|err| CrdtError::Export {
+                    id: e.id.clone(),
+                    reason: err.to_string(),
+                })?;
+            deltas.push(delta);
+        }
+        let seqs = store::append_log(
+            &self.shared.db,
+            locked
+                .iter()
+                .zip(&deltas)
+                .map(|((e, _), d)| (e.id.as_str(), d.as_slice())),
+        )?;
+        for ((e, st), seq) in locked.iter_mut().zip(seqs) {
+            st.dirty = false;
+            st.persisted_vv = e.doc.oplog_vv();
+            st.applied_through = st.applied_through.max(seq);
+        }
+        Ok(())
+    }
+
+    /// Evicts the document now (snapshotting it first if it changed); returns the bytes
+    /// released.
+    pub fn evict(&self, id: &str) -> Result<usize, CrdtError> {
+        check_id(id)?;
+        Ok(self.shared.cache.evict(&id.to_owned())?)
+    }
+
+    /// Keeps the document resident (loading it if cold) through pressure and reclaims.
+    pub fn pin(&self, id: &str) -> Result<(), CrdtError> {
+        let e = self.resident(id)?;
+        let key = e.id.clone();
+        drop(e);
+        Ok(self.shared.cache.pin(&key)?)
+    }
+
+    /// Makes a pinned document evictable again.
+    pub fn unpin(&self, id: &str) -> Result<(), CrdtError> {
+        check_id(id)?;
+        Ok(self.shared.cache.unpin(&id.to_owned())?)
+    }
+
+    /// True when the document is resident.
+    pub fn is_resident(&self, id: &str) -> bool {
+        self.shared.cache.contains(&id.to_owned())
+    }
+
+    /// Evicts unpinned documents, least recently used first, until `target` bytes are
+    /// released (what the governor's reclaim does); returns bytes released.
+    pub fn shed(&self, target: usize) -> usize {
+        self.shared.cache.reclaim(target)
+    }
+
+    /// Spawns a task on the current Tokio runtime that evicts documents under pressure
+    /// (see [`governed_blocks::ShedPolicy`]); it stops when the store drops.
+    pub fn spawn_pressure_watcher(&self) -> Result<tokio::task::JoinHandle<()>, CacheError> {
+        self.shared.cache.spawn_pressure_watcher()
+    }
+
+    /// Current figures.
+    pub fn stats(&self) -> DocStats {
+        DocStats {
+            cache: self.shared.cache.stats(),
+            buffer: self.buffer.stats(),
+            store_cache_bytes: self.store_token.size(),
+        }
+    }
+
+    /// The resident document, loading it if cold, caught up with buffered updates.
+    fn resident(&self, id: &str) -> Result<Arc<DocEntry>, CrdtError> {
+        check_id(id)?;
+        let key = id.to_owned();
+        let shared = &*self.shared;
+        // Recursive: a load may evict, and eviction must not queue behind a waiting flush.
+        let _publish = shared.publish.read_recursive();
+        let e = if let Some(e) = shared.cache.get(&key) {
+            e
+        } else {
+            let txn = shared.db.begin_read()?;
+            let stored = store::read(&txn, id)?
+                .ok_or_else(|| CrdtError::UnknownDocument { id: key.clone() })?;
+            drop(txn);
+            let estimate = estimate(id, &stored)?;
+            shared
+                .cache
+                .get_or_try_load(&key, estimate, || load(id, &stored))?
+        };
+        self.catch_up(&e)?;
+        Ok(e)
+    }
+
+    /// Imports buffered updates for `e` it has not seen yet, and charges what they added.
+    fn catch_up(&self, e: &Arc<DocEntry>) -> Result<(), CrdtError> {
+        let mut st = e.state.lock();
+        let mut todo = Vec::new();
+        let mut last = st.buffer_seen;
+        self.buffer.visit(|seq, u| {
+            if seq > st.buffer_seen && u.id == e.id {
+                // A transient copy: importing under the buffer's lock would stall appends.
+                todo.push(u.bytes.clone());
+            }
+            last = last.max(seq);
+        });
+        if todo.is_empty() {
+            return Ok(());
+        }
+        for bytes in &todo {
+            import_into(e, &mut st, bytes)?;
+        }
+        st.buffer_seen = last;
+        let bytes = e.charge(&st);
+        drop(st);
+        self.shared.cache.resize(&e.id, bytes, true)?;
+        Ok(())
+    }
+}
+
+/// The charge of a stored document before it is loaded, from its blobs' metadata.
+fn estimate(id: &str, stored: &Stored) -> Result<usize, CrdtError> {
+    let corrupt = |what: &str, e: loro::LoroError| CrdtError::CorruptDocument {
+        id: id.to_owned(),
+        reason: format!("{what}: {e}"),
+    };
+    let mut ops = model::blob_ops(
+        &LoroDoc::decode_import_blob_meta(&stored.snapshot, true)
+            .map_err(|e| corrupt("snapshot", e))?,
+    );
+    for (_, u) in &stored.log {
+        let meta =
+            LoroDoc::decode_import_blob_meta(u, true).map_err(|e| corrupt("logged update", e))?;
+        ops = ops.saturating_add(model::blob_ops(&meta));
+    }
+    Ok(model::charge(ops, stored.encoded_bytes()))
+}
+
+/// Builds a document from its stored snapshot and log.
+fn load(id: &str, stored: &Stored) -> Result<(DocEntry, usize), CrdtError> {
+    let corrupt = |what: &str, e: loro::LoroError| CrdtError::CorruptDocument {
+        id: id.to_owned(),
+        reason: format!("{what}: {e}"),
+    };
+    let doc = LoroDoc::new();
+    let mut has_pending = doc
+        .import(&stored.snapshot)
+        .map_err(|e| corrupt("snapshot", e))?
+        .pending
+        .is_some();
+    let mut applied_through = 0;
+    for (seq, u) in &stored.log {
+        let status = doc.import(u).map_err(|e| corrupt("logged update", e))?;
+        has_pending |= status.pending.is_some();
+        applied_through = *seq;
+    }
+    let state = EntryState {
+        dirty: false,
+        persisted_vv: doc.oplog_vv(),
+        applied_through,
+        has_pending,
+        buffer_seen: 0,
+        encoded: stored.encoded_bytes(),
+    };
+    let entry = DocEntry {
+        id: id.to_owned(),
+        doc,
+        state: Mutex::new(state),
+    };
+    let bytes = {
+        let st = entry.state.lock();
+        entry.charge(&st)
+    };
+    Ok((entry, bytes))
+}
