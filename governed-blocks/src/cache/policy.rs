@@ -15,7 +15,8 @@ pub struct ShedPolicy {
     /// Share evicted on global Critical (default 75); every unpinned byte on Emergency.
     pub critical_shed_pct: u8,
     /// On engine Critical or worse, evict until this share of the engine limit is free
-    /// (default 10).
+    /// (default 20: below the governor's default Critical threshold of 85 %, so shedding
+    /// ends the Critical state that writers of the same engine wait on).
     pub engine_headroom_pct: u8,
 }
 
@@ -24,7 +25,7 @@ impl Default for ShedPolicy {
         Self {
             warning_shed_pct: 25,
             critical_shed_pct: 75,
-            engine_headroom_pct: 10,
+            engine_headroom_pct: 20,
         }
     }
 }

@@ -5,7 +5,7 @@
 //!  append(item) ── headroom? ─ yes ─▶ pending (seq n)        flush()
 //!       │ no                                 │         ┌──────────────────────────────┐
 //!       ├─ pressure < Critical: try_grow(chunk)          │ pending ─▶ in-flight batch   │
-//!       ├─ denied / Critical: flush, then wait (bounded) │ sink.write(batch) (blocking) │
+//!       ├─ denied / Critical: flush, reclaim, then wait  │ sink.write(batch) (blocking) │
 //!       │   for pressure < Critical or reserve().await   │ Ok  → drop batch, shrink     │
 //!       └─ still nothing: AppendError::Throttled(item)   │ Err → keep batch, retry next │
 //!                                                        └──────────────────────────────┘
@@ -326,8 +326,9 @@ impl<T: Weighted + Send + Sync + 'static> GovernedWriteBuffer<T> {
 
     /// Buffers `item` and returns its sequence number. Draws on reserved headroom; when it
     /// runs out, grows the reservation by a chunk (below Critical pressure). When memory
-    /// cannot be had, flushes and waits (bounded by the configured wait) for pressure to
-    /// fall below Critical or for the governor to grant the bytes; past the bound the item
+    /// cannot be had, flushes, and at Critical asks the engine's reclaimers once for the
+    /// missing bytes; then waits (bounded by the configured wait) for pressure to fall
+    /// below Critical or for the governor to grant the bytes; past the bound the item
     /// comes back in [`AppendError`]. After the append, flushes when the buffer reached
     /// `flush_bytes`, or `min_flush_bytes` at Warning pressure; a failing flush does not
     /// fail the append (the item is buffered; the error is logged and counted).
@@ -357,6 +358,7 @@ impl<T: Weighted + Send + Sync + 'static> GovernedWriteBuffer<T> {
         }
         let mut item = item;
         let mut started: Option<Instant> = None;
+        let mut asked_reclaim = false;
         loop {
             let pressure = inner.governor.engine_pressure(inner.engine);
             let allow_grow = pressure < PressureLevel::Critical;
@@ -409,6 +411,13 @@ impl<T: Weighted + Send + Sync + 'static> GovernedWriteBuffer<T> {
                     }
                 }
             } else {
+                if !asked_reclaim {
+                    // Critical: ask the engine's own reclaimers (a cache sheds, this buffer
+                    // flushes) for what we miss, once per append, then wait for the level.
+                    asked_reclaim = true;
+                    inner.governor.reclaim_from(inner.engine, missing).await;
+                    continue;
+                }
                 let mut rx = inner.governor.subscribe_pressure(inner.engine);
                 let _ =
                     tokio::time::timeout(step, rx.wait_for(|p| *p < PressureLevel::Critical)).await;

@@ -1,0 +1,143 @@
+//! The store under a Crdt budget of at most 10 % of its documents keeps working: every
+//! document read back after eviction equals what was written (deep value and version), the
+//! engine's sampled reservation never exceeds its limit, pinned documents stay, and a
+//! governor reclaim frees what it asks or every unpinned document.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use common::{KINDS, edit, governor, peer_updates};
+use crdt_adapter::DocStore;
+use crdt_adapter::loro::LoroDoc;
+use governor_core::{EngineId, mib};
+
+const DOCS: usize = 30;
+const LOCAL_PEER: u64 = 1;
+
+/// Writes the same history into the store and into the test's own reference documents.
+async fn write_all(store: &DocStore, shadows: &mut HashMap<String, LoroDoc>) {
+    for i in 0..DOCS {
+        let id = format!("doc-{i}");
+        store.create(&id).unwrap();
+        let shadow = LoroDoc::new();
+        let kind = KINDS[i % 3];
+        for round in 0..4u64 {
+            let seed = (i as u64) * 10 + round;
+            let local = |d: &LoroDoc| {
+                d.set_peer_id(LOCAL_PEER).unwrap();
+                edit(d, kind, 120, seed);
+            };
+            store.edit(&id, local).unwrap();
+            local(&shadow);
+            if i % 3 == round as usize % 3 {
+                let update = peer_updates(KINDS[(i + 1) % 3], 150, 1000 + seed);
+                shadow.import(&update).unwrap();
+                store.receive(&id, update).await.unwrap();
+            }
+        }
+        shadows.insert(id, shadow);
+    }
+}
+
+fn check_all(store: &DocStore, shadows: &HashMap<String, LoroDoc>, order_seed: usize) {
+    let mut ids: Vec<&String> = shadows.keys().collect();
+    ids.sort();
+    // A scattered order, so reads keep evicting each other.
+    let n = ids.len();
+    for k in 0..n {
+        let id = ids[(k * 7 + order_seed) % n];
+        let shadow = &shadows[id];
+        assert_eq!(store.value(id).unwrap(), shadow.get_deep_value(), "{id}");
+        assert_eq!(store.version(id).unwrap(), shadow.oplog_vv(), "{id}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenth_of_the_documents_reads_back_everything() {
+    let dir = tempfile::tempdir().unwrap();
+
+    // The data: every document resident under a budget that holds them all.
+    let big = governor(mib(512));
+    let mut shadows = HashMap::new();
+    let data = {
+        let full = DocStore::builder(big.clone(), dir.path().join("full.redb"))
+            .open()
+            .unwrap();
+        write_all(&full, &mut shadows).await;
+        full.commit().await.unwrap();
+        for id in shadows.keys() {
+            full.value(id).unwrap();
+        }
+        full.stats().cache.resident_bytes
+    };
+    let limit = data / 10;
+    println!("{DOCS} documents charged {data} B when all resident; Crdt limit {limit} B");
+
+    let gov = governor(limit);
+    let peak = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (gov, peak, stop) = (gov.clone(), peak.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                peak.fetch_max(gov.reserved(EngineId::Crdt), Ordering::Relaxed);
+                std::thread::yield_now();
+            }
+        })
+    };
+    let path = dir.path().join("small.redb");
+    let store = DocStore::builder(gov.clone(), &path)
+        .store_cache_bytes(64 * 1024)
+        .edit_headroom(64 * 1024)
+        .chunk_bytes(8 * 1024)
+        .flush_bytes(64 * 1024)
+        .open()
+        .unwrap();
+    let _watcher = store.spawn_pressure_watcher().unwrap();
+    let mut written = HashMap::new();
+    write_all(&store, &mut written).await;
+    // Before the commit: reads see buffered updates and unlogged edits.
+    check_all(&store, &written, 0);
+    store.commit().await.unwrap();
+    check_all(&store, &written, 3);
+    check_all(&store, &written, 5);
+    let s = store.stats();
+    println!("budgeted: {s:?}");
+    assert!(s.cache.evictions > 0, "a 10 % budget must evict");
+
+    // A pinned document stays through a full reclaim.
+    store.pin("doc-4").unwrap();
+    let before = gov.reserved(EngineId::Crdt);
+    let ask = s.cache.resident_bytes / 2;
+    let out = gov.reclaim_from(EngineId::Crdt, ask).await;
+    let after = store.stats();
+    assert!(
+        out.freed >= ask || after.cache.resident_bytes == after.cache.pinned_bytes,
+        "asked {ask}, freed {}: {after:?}",
+        out.freed
+    );
+    assert_eq!(gov.reserved(EngineId::Crdt), before - out.freed);
+    gov.reclaim_from(EngineId::Crdt, usize::MAX / 2).await;
+    let after = store.stats();
+    assert_eq!(after.cache.resident_bytes, after.cache.pinned_bytes);
+    assert!(store.is_resident("doc-4"));
+    store.unpin("doc-4").unwrap();
+    check_all(&store, &written, 1);
+
+    stop.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    let peak = peak.load(Ordering::Relaxed);
+    println!("sampled Crdt peak {peak} B of {limit} B");
+    assert!(peak <= limit, "sampled peak {peak} over the limit {limit}");
+
+    // Reopened cold, every document is still what was written.
+    drop(store);
+    let reopened = DocStore::builder(gov.clone(), &path)
+        .store_cache_bytes(64 * 1024)
+        .open()
+        .unwrap();
+    check_all(&reopened, &written, 2);
+}
