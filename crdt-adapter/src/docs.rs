@@ -134,6 +134,29 @@ impl EvictionHook<String, DocEntry> for PersistOnEvict {
 /// Logs a batch of remote updates, then applies it to the resident documents.
 struct Sink(Arc<Shared>);
 
+impl Sink {
+    /// Imports a flushed update into a resident document and charges what it added.
+    fn apply(
+        shared: &Shared,
+        e: &DocEntry,
+        st: &mut EntryState,
+        u: &RemoteUpdate,
+        buffer_seq: u64,
+        log_seq: u64,
+    ) {
+        if let Err(err) = import_into(e, st, &u.bytes) {
+            // Checked at receipt: a failure here is loro's, and the next load meets it
+            // again and reports it.
+            tracing::error!(doc = %u.id, error = %err, "logged update failed to apply to the resident document");
+            st.has_pending = true;
+        }
+        st.buffer_seen = buffer_seq;
+        st.applied_through = st.applied_through.max(log_seq);
+        // Within what was reserved (or, for a busy document, what exists): never refused.
+        let _ = shared.cache.resize(&u.id, e.charge(st), true);
+    }
+}
+
 impl BatchSink<RemoteUpdate> for Sink {
     fn write(&self, batch: &Batch<RemoteUpdate>) -> Result<(), PersistError> {
         let shared = &self.0;
@@ -153,20 +176,27 @@ impl BatchSink<RemoteUpdate> for Sink {
             let buffer_seq = batch.first_seq() + i as u64;
             let mut st = e.state.lock();
             if buffer_seq > st.buffer_seen {
-                if let Err(err) = import_into(&e, &mut st, &u.bytes) {
-                    // Logged and checked at receipt: a failure here is loro's, and the
-                    // next load will meet it again and report it.
-                    tracing::error!(doc = %u.id, error = %err, "logged update failed to apply to the resident document");
-                    st.has_pending = true;
+                // Reserve what the import can add first; if there is no room, evict the
+                // document instead (its log now holds the update for the next load).
+                let want = e.charge(&st).saturating_add(model::import_growth(&u.bytes));
+                if shared.cache.resize(&u.id, want, false).is_err() {
+                    drop(st);
+                    drop(e);
+                    if shared.cache.evict(&u.id).is_ok() {
+                        continue;
+                    }
+                    tracing::warn!(doc = %u.id, "no room to apply a flushed update to a busy document; charged past the limit");
+                    let Some(again) = shared.cache.peek(&u.id) else {
+                        continue;
+                    };
+                    let mut st = again.state.lock();
+                    Self::apply(shared, &again, &mut st, u, buffer_seq, log_seq);
+                    continue;
                 }
-                st.buffer_seen = buffer_seq;
+                Self::apply(shared, &e, &mut st, u, buffer_seq, log_seq);
+            } else {
+                st.applied_through = st.applied_through.max(log_seq);
             }
-            st.applied_through = st.applied_through.max(log_seq);
-            let bytes = e.charge(&st);
-            drop(st);
-            drop(e);
-            // The memory exists already: charge it even past the limit (pressure follows).
-            let _ = shared.cache.resize(&u.id, bytes, true);
         }
         Ok(())
     }
@@ -557,13 +587,23 @@ impl DocStore {
         if todo.is_empty() {
             return Ok(());
         }
+        // Reserve the most the imports can add before they allocate (evicting colder
+        // documents); if that cannot be had the read fails and the updates stay buffered.
+        let grow = todo
+            .iter()
+            .fold(0usize, |n, b| n.saturating_add(model::import_growth(b)));
+        let before = e.charge(&st);
+        self.shared
+            .cache
+            .resize(&e.id, before.saturating_add(grow), false)?;
         for bytes in &todo {
             import_into(e, &mut st, bytes)?;
         }
         st.buffer_seen = last;
-        let bytes = e.charge(&st);
+        let after = e.charge(&st);
         drop(st);
-        self.shared.cache.resize(&e.id, bytes, true)?;
+        // At most what was reserved: a shrink.
+        self.shared.cache.resize(&e.id, after, true)?;
         Ok(())
     }
 }

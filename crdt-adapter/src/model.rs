@@ -46,6 +46,12 @@ pub fn charge(ops: usize, encoded: usize) -> usize {
         .saturating_add((encoded % 100) * ENCODED_PCT / 100)
 }
 
+/// What importing `bytes` can add to a document's charge at most (every operation new).
+pub fn import_growth(bytes: &[u8]) -> usize {
+    let ops = loro::LoroDoc::decode_import_blob_meta(bytes, false).map_or(0, |m| blob_ops(&m));
+    charge(ops, bytes.len()) - DOC_BASE_BYTES
+}
+
 /// Operations a blob adds, from its metadata (the span between its version vectors).
 pub(crate) fn blob_ops(meta: &loro::ImportBlobMetadata) -> usize {
     let end: usize = meta

