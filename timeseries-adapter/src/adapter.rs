@@ -23,6 +23,11 @@ use crate::segment::{self, SegmentMeta};
 
 const ENGINE: EngineId = EngineId::Timeseries;
 
+/// Longest single wait `append` hands to the governor or a timer. A longer `ingest_wait`
+/// (up to "no deadline") is a series of these: no wait a caller configures is ever added to
+/// an `Instant` by code that might overflow on it.
+const WAIT_SLICE: Duration = Duration::from_mins(1);
+
 /// Builds a [`TimeseriesAdapter`]; see each method for its default.
 pub struct TimeseriesAdapterBuilder {
     governor: Arc<MemoryGovernor>,
@@ -64,7 +69,9 @@ impl TimeseriesAdapterBuilder {
     }
 
     /// How long one `append` may wait for memory at Critical pressure or when the budget is
-    /// full, before it fails with [`IngestError::Throttled`] (default 2 s).
+    /// full, before it fails with [`IngestError::Throttled`] (default 2 s). A wait too long
+    /// to represent as a deadline (e.g. `Duration::MAX`) means no deadline: the append waits
+    /// until flushes or other releases make room.
     #[must_use]
     pub fn ingest_wait(mut self, wait: Duration) -> Self {
         self.ingest_wait = wait;
@@ -149,7 +156,9 @@ impl TimeseriesAdapterBuilder {
                 chunk: self.reservation_chunk,
                 ingest_wait: self.ingest_wait,
                 flush_target_pct: self.flush_target_pct,
-                min_flush_bytes: self.min_flush_bytes.unwrap_or(4 * self.reservation_chunk),
+                min_flush_bytes: self
+                    .min_flush_bytes
+                    .unwrap_or(self.reservation_chunk.saturating_mul(4)),
                 retry_min: self.retry_min,
                 retry_max: self.retry_max,
                 name: self.name,
@@ -366,7 +375,10 @@ impl TimeseriesAdapter {
                         inner.stats.waits.fetch_add(1, Ordering::Relaxed);
                         Instant::now()
                     });
-                    let remaining = inner.cfg.ingest_wait.saturating_sub(t0.elapsed());
+                    // `None`: a wait too long to add to an Instant (`Duration::MAX`) has no
+                    // deadline; it still wakes on every event below, one slice at a time.
+                    let deadline = t0.checked_add(inner.cfg.ingest_wait);
+                    let past_deadline = || deadline.is_some_and(|d| Instant::now() >= d);
                     let throttled = |cause: Option<MemError>| {
                         inner.stats.throttled.fetch_add(1, Ordering::Relaxed);
                         let err = IngestError::Throttled {
@@ -380,35 +392,44 @@ impl TimeseriesAdapter {
                             rejected = points.len() - accepted, error = %err, "ingest throttled");
                         err
                     };
-                    if remaining.is_zero() {
+                    if past_deadline() {
                         return Err(throttled(cause));
                     }
+                    let slice = deadline.map_or(WAIT_SLICE, |d| {
+                        d.saturating_duration_since(Instant::now()).min(WAIT_SLICE)
+                    });
                     if !allow_grow {
                         // Critical: wait for flushes to bring pressure down, bounded.
                         let mut rx = gov.subscribe_pressure(ENGINE);
-                        let ok = tokio::time::timeout(
-                            remaining,
+                        match tokio::time::timeout(
+                            slice,
                             rx.wait_for(|p| *p < PressureLevel::Critical),
                         )
-                        .await;
-                        if !matches!(ok, Ok(Ok(_))) {
-                            return Err(throttled(cause));
+                        .await
+                        {
+                            // The governor is gone: no flush can ever lower the pressure.
+                            Ok(Err(_)) => return Err(throttled(cause)),
+                            // Pressure dropped, or a slice ended: the loop re-checks both.
+                            Ok(Ok(_)) | Err(_) => continue,
                         }
-                        continue;
                     }
                     // A whole chunk if it can be had, never more than the limit (a request the
                     // limit can never satisfy would only be refused).
                     let ask = bytes.max(inner.cfg.chunk).min(gov.limit(ENGINE)).max(bytes);
-                    match gov.reserve(ENGINE, ask, remaining).await {
+                    match gov.reserve(ENGINE, ask, slice).await {
                         Ok(token) => {
                             inner.mem.lock().absorb(token);
                             absorbed = true;
                         }
-                        Err(e @ MemError::Timeout { .. }) => return Err(throttled(Some(e))),
+                        Err(e @ MemError::Timeout { .. }) if past_deadline() => {
+                            return Err(throttled(Some(e)));
+                        }
+                        // One slice of a longer wait ended: try the memtable again.
+                        Err(MemError::Timeout { .. }) => {}
                         Err(_) => {
                             // Refused without waiting (e.g. over the limit right now): give
                             // the flush worker a moment, within the same bound.
-                            tokio::time::sleep(remaining.min(Duration::from_millis(2))).await;
+                            tokio::time::sleep(slice.min(Duration::from_millis(2))).await;
                         }
                     }
                 }
@@ -600,7 +621,7 @@ async fn flush_worker(weak: Weak<Inner>) {
                 Ok(_) => {}
                 Err(_) => {
                     let wait = backoff;
-                    backoff = (backoff * 2).min(inner.cfg.retry_max);
+                    backoff = backoff.saturating_mul(2).min(inner.cfg.retry_max);
                     drop(inner);
                     tokio::time::sleep(wait).await;
                     continue;

@@ -382,7 +382,9 @@ impl Memtable {
 
     /// Gives back headroom beyond one chunk.
     pub(crate) fn trim(&mut self) -> usize {
-        let excess = self.reserved().saturating_sub(self.used() + self.chunk);
+        let excess = self
+            .reserved()
+            .saturating_sub(self.used().saturating_add(self.chunk));
         if excess > 0 {
             self.budget.release(excess)
         } else {

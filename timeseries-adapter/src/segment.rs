@@ -110,12 +110,15 @@ impl RateLimiter {
 
     /// Blocks the calling (blocking-pool) thread until `bytes` may be written.
     pub fn acquire_blocking(&self, bytes: u64) {
-        let cost = Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec as f64);
+        // A slot too long for a Duration or an Instant (u64::MAX bytes at 1 B/s) cannot be
+        // booked; it is not paced rather than panicking the flush.
+        let cost = Duration::try_from_secs_f64(bytes as f64 / self.bytes_per_sec as f64)
+            .unwrap_or(Duration::MAX);
         let start = {
             let mut next = self.next_free.lock();
             let now = Instant::now();
             let start = (*next).max(now);
-            *next = start + cost;
+            *next = start.checked_add(cost).unwrap_or(start);
             start
         };
         let now = Instant::now();

@@ -377,3 +377,123 @@ async fn a_reclaim_that_times_out_does_not_abandon_its_flush() {
         .count();
     assert_eq!(leftovers, 0);
 }
+
+/// A governor whose ceiling, not the Timeseries limit, is what runs out: another engine
+/// (Query) holds almost all of it, so the memtable's growth is refused while its own
+/// pressure is Normal, and `append` has to wait in `governor.reserve`.
+fn ceiling_bound_governor() -> Arc<MemoryGovernor> {
+    let config = GovernorConfig::builder()
+        .global_ceiling(mib(4))
+        .engine(EngineId::Timeseries, EngineBudget::new(mib(2)))
+        .engine(EngineId::Query, EngineBudget::new(mib(4)))
+        .build()
+        .unwrap();
+    MemoryGovernor::new(config).unwrap()
+}
+
+/// `ingest_wait(Duration::MAX)` means "no deadline". Waiting in `governor.reserve` (the
+/// ceiling is held by another engine) must not add `Duration::MAX` to an `Instant` (it used
+/// to panic inside `append`), and a wait without deadline still wakes when the memory is
+/// released: well before the adapter's own 60 s wait slice would end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unbounded_ingest_wait_waits_in_reserve_and_wakes_on_release() {
+    let gov = ceiling_bound_governor();
+    let dir = tempfile::tempdir().unwrap();
+    // The disk is down: nothing the adapter holds can be flushed to make room.
+    let flaky = Arc::new(FlakyFlusher::new(
+        FileSegmentFlusher::new(dir.path()).unwrap(),
+        0,
+        1,
+    ));
+    flaky.always_fail.store(true, Ordering::Relaxed);
+    let ts = Arc::new(
+        TimeseriesAdapter::builder(Arc::clone(&gov))
+            .flusher(flaky.clone())
+            .reservation_chunk(8 * 1024)
+            .ingest_wait(Duration::MAX)
+            .retry_backoff(Duration::from_millis(1), Duration::from_millis(20))
+            .open()
+            .await
+            .unwrap(),
+    );
+    let query = gov
+        .try_reserve(EngineId::Query, mib(4) - 128 * 1024)
+        .unwrap();
+    // Random-bit values: about 8 bytes a point, so 40 000 need far more than 128 KiB.
+    let data = series_points(3, 40_000);
+    let append = tokio::spawn({
+        let (ts, data) = (Arc::clone(&ts), data.clone());
+        async move { ts.append(SeriesId(3), &data).await }
+    });
+    wait_until(
+        "the append to wait for memory",
+        Duration::from_mins(1),
+        || ts.stats().waits >= 1 || append.is_finished(),
+    )
+    .await;
+    assert!(
+        gov.engine_pressure(EngineId::Timeseries) < PressureLevel::Critical,
+        "fixture: the wait is in reserve, not on Timeseries pressure"
+    );
+    assert!(!append.is_finished(), "the append must still be waiting");
+
+    drop(query);
+    let stored = tokio::time::timeout(Duration::from_secs(45), append)
+        .await
+        .expect("a release wakes an append that waits without deadline")
+        .expect("append must not panic");
+    stored.unwrap();
+    assert_eq!(ts.stats().throttled, 0);
+    let got = ts.query(SeriesId(3), i64::MIN..=i64::MAX).await.unwrap();
+    assert_bit_eq(SeriesId(3), &got, &data);
+}
+
+/// The same "no deadline" at Critical Timeseries pressure: the append waits on the pressure
+/// channel for as long as the disk is down, and goes on when flushes bring pressure down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unbounded_ingest_wait_waits_out_critical_pressure() {
+    let gov = governor(256 * 1024);
+    let dir = tempfile::tempdir().unwrap();
+    let flaky = Arc::new(FlakyFlusher::new(
+        FileSegmentFlusher::new(dir.path()).unwrap(),
+        0,
+        1,
+    ));
+    flaky.always_fail.store(true, Ordering::Relaxed);
+    let ts = Arc::new(
+        TimeseriesAdapter::builder(Arc::clone(&gov))
+            .flusher(flaky.clone())
+            .reservation_chunk(8 * 1024)
+            .ingest_wait(Duration::MAX)
+            .retry_backoff(Duration::from_millis(1), Duration::from_millis(20))
+            .open()
+            .await
+            .unwrap(),
+    );
+    let data = series_points(3, 200_000);
+    let append = tokio::spawn({
+        let (ts, data) = (Arc::clone(&ts), data.clone());
+        async move { ts.append(SeriesId(3), &data).await }
+    });
+    wait_until(
+        "Critical pressure and failed flushes",
+        Duration::from_mins(1),
+        || {
+            (gov.engine_pressure(EngineId::Timeseries) >= PressureLevel::Critical
+                && flaky.failures.load(Ordering::Relaxed) >= 2)
+                || append.is_finished()
+        },
+    )
+    .await;
+    assert!(!append.is_finished(), "the append must still be waiting");
+
+    flaky.always_fail.store(false, Ordering::Relaxed);
+    let stored = tokio::time::timeout(Duration::from_mins(2), append)
+        .await
+        .expect("flushes bring pressure down and the append finishes")
+        .expect("append must not panic");
+    stored.unwrap();
+    assert_eq!(ts.stats().throttled, 0);
+    let got = ts.query(SeriesId(3), i64::MIN..=i64::MAX).await.unwrap();
+    assert_bit_eq(SeriesId(3), &got, &data);
+}
