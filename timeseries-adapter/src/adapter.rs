@@ -140,12 +140,20 @@ impl TimeseriesAdapterBuilder {
             .map_err(|e| OpenError::NoRuntime(e.to_string()))?;
 
         let recovery = flusher.recover().await.map_err(OpenError::Store)?;
-        let next_id = recovery
+        // Above every id the store has seen, quarantined and partial files included: an id
+        // handed out twice would put two segments' evidence under one name.
+        let highest = recovery
             .segments
             .iter()
-            .map(|m| m.id + 1)
+            .map(|m| m.id)
             .max()
-            .unwrap_or(1);
+            .max(recovery.highest_id);
+        let next_id = match highest {
+            None => 1,
+            Some(h) => h
+                .checked_add(1)
+                .ok_or(OpenError::SegmentIdsExhausted { highest: h })?,
+        };
         let mut mem = Memtable::new(Arc::clone(&self.governor), self.reservation_chunk);
         mem.load_segments(recovery.segments.clone());
 
@@ -198,6 +206,9 @@ pub struct RecoveryReport {
     /// Segments that failed verification (torn or corrupt): reported here and in a `tracing`
     /// error event, quarantined, and **not** used.
     pub corrupt: Vec<crate::SegmentError>,
+    /// Where each of `corrupt` was moved for inspection, in the same order (never over an
+    /// earlier quarantined file).
+    pub quarantined: Vec<std::path::PathBuf>,
     /// Temp files of flushes that never completed, removed.
     pub removed_partial: Vec<std::path::PathBuf>,
 }
@@ -208,6 +219,7 @@ impl From<Recovery> for RecoveryReport {
             segments_loaded: r.segments.len(),
             points_loaded: r.segments.iter().map(|m| m.point_count).sum(),
             corrupt: r.corrupt,
+            quarantined: r.quarantined,
             removed_partial: r.removed_partial,
         }
     }
@@ -535,7 +547,17 @@ impl Inner {
                 match mem.oldest_frozen() {
                     Some(b) => Some(b),
                     None if released < target => {
-                        let id = self.next_segment.fetch_add(1, Ordering::Relaxed);
+                        let id = self
+                            .next_segment
+                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |id| {
+                                id.checked_add(1)
+                            })
+                            .map_err(|_| {
+                                FlushError::Other(
+                                    "segment ids exhausted (the next id would wrap to 0)"
+                                        .to_owned(),
+                                )
+                            })?;
                         mem.freeze(target - released, id)
                     }
                     None => None,

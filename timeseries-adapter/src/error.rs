@@ -177,6 +177,15 @@ pub enum OpenError {
         /// What to change.
         reason: String,
     },
+    /// The store holds a segment numbered `u64::MAX`: no id is left for a new segment (ids
+    /// are never reused, so that no new segment can take a quarantined one's name).
+    #[error(
+        "segment ids exhausted: the store holds id {highest}; move its segments to a new store"
+    )]
+    SegmentIdsExhausted {
+        /// The highest id found in the store.
+        highest: u64,
+    },
     /// `open` must be called inside a tokio runtime (it spawns the flush worker).
     #[error("TimeseriesAdapter::open must run inside a tokio runtime: {0}")]
     NoRuntime(String),

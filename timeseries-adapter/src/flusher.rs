@@ -57,9 +57,17 @@ pub struct Recovery {
     /// Segments that failed verification. They are not used (a file flusher renames them to
     /// `*.corrupt` so they are kept for inspection but never read again).
     pub corrupt: Vec<SegmentError>,
+    /// Where each of `corrupt` was moved for inspection, in the same order. A quarantine
+    /// never replaces an earlier one: a name already taken gets a numbered one instead.
+    pub quarantined: Vec<PathBuf>,
     /// Leftover temp files of flushes that never completed (removed: their data was never
     /// acknowledged as durable).
     pub removed_partial: Vec<PathBuf>,
+    /// Highest segment id the store has ever held, counting quarantined and partial files as
+    /// well as `segments`. New segments are numbered above it, so an id is never handed out
+    /// twice (a reused id would make a later quarantine collide with an earlier one). A store
+    /// that leaves it `None` gets ids above its highest verified segment.
+    pub highest_id: Option<u64>,
 }
 
 /// Persists frozen memtable blocks as immutable segments and reads them back.
@@ -220,6 +228,9 @@ fn recover_dir(dir: &Path) -> Result<Recovery, SegmentError> {
         .map_err(io_err)?;
     paths.sort();
     for path in paths {
+        if let Some(id) = store_file_id(&path) {
+            rec.highest_id = rec.highest_id.max(Some(id));
+        }
         match path.extension().and_then(|e| e.to_str()) {
             Some(TEMP_EXT) => {
                 tracing::warn!(path = %path.display(), "removing segment of an unfinished flush");
@@ -227,16 +238,22 @@ fn recover_dir(dir: &Path) -> Result<Recovery, SegmentError> {
                 rec.removed_partial.push(path);
             }
             Some(SEGMENT_EXT) => match segment::verify_segment(&path) {
-                Ok(meta) => rec.segments.push(meta),
+                Ok(meta) => {
+                    rec.highest_id = rec.highest_id.max(Some(meta.id));
+                    rec.segments.push(meta);
+                }
                 // A file we cannot read right now (permissions, I/O) is not known to be
                 // corrupt: fail the start-up loudly rather than quarantine good data.
                 Err(err @ SegmentError::Io { .. }) => return Err(err),
                 Err(err) => {
-                    tracing::error!(path = %path.display(), error = %err,
-                        "segment failed verification; quarantined, NOT used");
-                    let quarantined = path.with_extension("corrupt");
-                    fs::rename(&path, &quarantined).map_err(io_err)?;
+                    let quarantined = quarantine(&path).map_err(|source| SegmentError::Io {
+                        path: path.clone(),
+                        source,
+                    })?;
+                    tracing::error!(path = %path.display(), quarantined = %quarantined.display(),
+                        error = %err, "segment failed verification; quarantined, NOT used");
                     rec.corrupt.push(err);
+                    rec.quarantined.push(quarantined);
                 }
             },
             _ => {}
@@ -244,4 +261,111 @@ fn recover_dir(dir: &Path) -> Result<Recovery, SegmentError> {
     }
     rec.segments.sort_by_key(|m| m.id);
     Ok(rec)
+}
+
+/// File-name suffix of a quarantined segment.
+const QUARANTINE_EXT: &str = "corrupt";
+
+/// The segment id in the name of a file this store writes: `ID.seg`, `ID.tmp`,
+/// `ID.corrupt` or `ID.N.corrupt` (ID in decimal). Other files are not ours.
+fn store_file_id(path: &Path) -> Option<u64> {
+    let name = path.file_name()?.to_str()?;
+    let (id, rest) = name.split_once('.')?;
+    let ours = rest == SEGMENT_EXT
+        || rest == TEMP_EXT
+        || rest == QUARANTINE_EXT
+        || rest.strip_suffix(QUARANTINE_EXT).is_some_and(|n| {
+            n.strip_suffix('.')
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        });
+    if !ours || id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    id.parse().ok()
+}
+
+/// Moves a segment that failed verification to `ID.corrupt`, or `ID.N.corrupt` with the
+/// first `N` not taken, and returns the new path. Evidence is never overwritten: the move is
+/// a hard link (which fails rather than replace an existing name) followed by removing the
+/// old name, and the directory is synced so the move survives a crash. A crash between the
+/// two steps leaves both names; the next start quarantines the `.seg` again under a new name.
+fn quarantine(path: &Path) -> io::Result<PathBuf> {
+    const MAX_TRIES: u32 = 10_000;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    for n in 0..MAX_TRIES {
+        let target = if n == 0 {
+            path.with_extension(QUARANTINE_EXT)
+        } else {
+            path.with_extension(format!("{n}.{QUARANTINE_EXT}"))
+        };
+        match fs::hard_link(path, &target) {
+            Ok(()) => {
+                fs::remove_file(path)?;
+                fs::File::open(dir)?.sync_all()?;
+                return Ok(target);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        format!(
+            "{MAX_TRIES} quarantine names for {} are taken; move old *.{QUARANTINE_EXT} files away",
+            path.display()
+        ),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_file_ids_come_from_our_names_only() {
+        let id = |n: &str| store_file_id(Path::new(n));
+        assert_eq!(id("00000000000000000007.seg"), Some(7));
+        assert_eq!(id("/d/00000000000000000007.tmp"), Some(7));
+        assert_eq!(id("00000000000000000009.corrupt"), Some(9));
+        assert_eq!(id("00000000000000000009.12.corrupt"), Some(9));
+        assert_eq!(id("18446744073709551615.seg"), Some(u64::MAX));
+        for other in [
+            "notes.txt",
+            "x7.seg",
+            "7.seg.bak",
+            "7.x.corrupt",
+            ".corrupt",
+            "7..corrupt",
+            "18446744073709551616.seg",
+        ] {
+            assert_eq!(id(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn quarantine_never_replaces_earlier_evidence() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = dir.path().join("00000000000000000003.seg");
+        let mut moved = Vec::new();
+        for round in 0..3u8 {
+            fs::write(&seg, [round; 8]).unwrap();
+            moved.push(quarantine(&seg).unwrap());
+            assert!(!seg.exists());
+        }
+        let names: Vec<_> = moved
+            .iter()
+            .map(|p| p.file_name().unwrap().to_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "00000000000000000003.corrupt",
+                "00000000000000000003.1.corrupt",
+                "00000000000000000003.2.corrupt"
+            ]
+        );
+        for (round, path) in moved.iter().enumerate() {
+            assert_eq!(fs::read(path).unwrap(), [round as u8; 8], "{path:?} kept");
+        }
+    }
 }

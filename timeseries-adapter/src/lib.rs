@@ -59,7 +59,8 @@
 //!   segments whose time range overlaps, in time order.
 //! * **Restart**: `open` verifies every segment by checksum before using it. Torn or corrupt
 //!   files are reported ([`RecoveryReport::corrupt`], typed [`SegmentError`]s, and an error
-//!   event), quarantined as `*.corrupt`, and never read.
+//!   event), quarantined as `*.corrupt` (or `*.N.corrupt`: a quarantine never replaces an
+//!   earlier one), and never read. Segment ids are never reused, quarantined ones included.
 //!
 //! # Example
 //!

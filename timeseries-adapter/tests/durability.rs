@@ -497,3 +497,74 @@ async fn an_unbounded_ingest_wait_waits_out_critical_pressure() {
     let got = ts.query(SeriesId(3), i64::MIN..=i64::MAX).await.unwrap();
     assert_bit_eq(SeriesId(3), &got, &data);
 }
+
+async fn open_file_store(gov: &Arc<MemoryGovernor>, dir: &std::path::Path) -> TimeseriesAdapter {
+    TimeseriesAdapter::builder(Arc::clone(gov))
+        .flusher(Arc::new(FileSegmentFlusher::new(dir).unwrap()))
+        .open()
+        .await
+        .unwrap()
+}
+
+/// Flips one bit in the middle of a file (bit rot) and returns the damaged bytes.
+fn rot(path: &std::path::Path) -> Vec<u8> {
+    let mut bytes = fs::read(path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x04;
+    fs::write(path, &bytes).unwrap();
+    bytes
+}
+
+/// Appends one series, flushes it, and returns the new segment's id and path.
+async fn write_one(ts: &TimeseriesAdapter, s: u64, data: &[Point]) -> (u64, std::path::PathBuf) {
+    let before: Vec<u64> = ts.segments().iter().map(|m| m.id).collect();
+    ts.append(SeriesId(s), data).await.unwrap();
+    ts.flush_all().await.unwrap();
+    let new: Vec<_> = ts
+        .segments()
+        .iter()
+        .filter(|m| !before.contains(&m.id))
+        .map(|m| (m.id, m.path.clone()))
+        .collect();
+    assert_eq!(new.len(), 1, "one new segment");
+    new[0].clone()
+}
+
+/// Evidence kept for inspection is never overwritten. A store whose newest segment is
+/// quarantined must not hand its id out again (it did: the next id was `max(valid) + 1`),
+/// or when the new segment is quarantined in turn it lands on the first `.corrupt` file.
+#[tokio::test]
+async fn quarantined_ids_are_never_reused_and_evidence_never_overwritten() {
+    let gov = governor(mib(8));
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<Vec<Point>> = (0..3).map(|s| series_points(s, 2_000)).collect();
+    let (first_id, first) = {
+        let ts = open_file_store(&gov, dir.path()).await;
+        write_one(&ts, 0, &data[0]).await
+    };
+    let first_evidence = rot(&first);
+    let (second_id, second) = {
+        let ts = open_file_store(&gov, dir.path()).await;
+        let rec = ts.recovery();
+        assert_eq!(rec.corrupt.len(), 1, "{:?}", rec.corrupt);
+        assert_eq!(rec.quarantined, [first.with_extension("corrupt")]);
+        let (id, path) = write_one(&ts, 1, &data[1]).await;
+        assert!(id > first_id, "id {id} was the quarantined segment's");
+        (id, path)
+    };
+    let second_evidence = rot(&second);
+    let ts = open_file_store(&gov, dir.path()).await;
+    let rec = ts.recovery();
+    assert_eq!(rec.corrupt.len(), 1, "{:?}", rec.corrupt);
+    assert_eq!(rec.quarantined, [second.with_extension("corrupt")]);
+    assert_eq!(
+        fs::read(first.with_extension("corrupt")).unwrap(),
+        first_evidence,
+        "the first quarantined segment is kept as it was"
+    );
+    assert_eq!(fs::read(&rec.quarantined[0]).unwrap(), second_evidence);
+    let (third_id, _) = write_one(&ts, 2, &data[2]).await;
+    assert!(third_id > second_id);
+    let got = ts.query(SeriesId(2), i64::MIN..=i64::MAX).await.unwrap();
+    assert_bit_eq(SeriesId(2), &got, &data[2]);
+}
