@@ -31,10 +31,10 @@ use crate::store::{self, SegmentManifest};
 /// more only helps when other threads keep taking the memory we free.
 const MAX_ATTEMPTS: usize = 4;
 
-/// How long eviction and stats wait for a slot's lock. Searches, inserts and stats hold it
-/// for microseconds, a load or a persist for milliseconds: waiting this long gets past the
+/// How long eviction waits for a slot's lock. Searches and inserts hold it for
+/// microseconds, a load or a persist for milliseconds: waiting this long gets past the
 /// former without stalling behind the latter (and two loaders evicting for each other
-/// cannot deadlock, they time out).
+/// cannot deadlock, they time out). Figures and planning never take it (see `Slot::charged`).
 const SLOT_WAIT: Duration = Duration::from_millis(2);
 
 /// How the cache answers pressure it is told about (see [`HnswCache::spawn_pressure_watcher`]).
@@ -119,8 +119,30 @@ struct SlotBody {
 struct Slot {
     id: SegmentId,
     body: Mutex<SlotBody>,
+    /// Bytes the resident segment holds, 0 while cold; shared with the segment, which keeps
+    /// it current. Figures and eviction planning read it without taking `body`: an observer
+    /// preempted while holding a slot's lock would otherwise make eviction skip the slot as
+    /// busy (and a pressure shed then leave a cold segment behind).
+    charged: Arc<AtomicUsize>,
     pinned: AtomicBool,
     last_access: AtomicU64,
+}
+
+impl Slot {
+    fn new(id: SegmentId, body: SlotBody) -> Self {
+        Self {
+            id,
+            body: Mutex::new(body),
+            charged: Arc::default(),
+            pinned: AtomicBool::new(false),
+            last_access: AtomicU64::new(0),
+        }
+    }
+
+    /// Bytes held while resident, 0 when cold.
+    fn charged(&self) -> usize {
+        self.charged.load(Ordering::Acquire)
+    }
 }
 
 pub(crate) struct Inner {
@@ -200,18 +222,11 @@ impl HnswCacheBuilder {
         let mut slots = BTreeMap::new();
         for m in manifests {
             let id = m.segment()?;
-            slots.insert(
-                id.clone(),
-                Arc::new(Slot {
-                    id,
-                    body: Mutex::new(SlotBody {
-                        resident: None,
-                        manifest: Some(m),
-                    }),
-                    pinned: AtomicBool::new(false),
-                    last_access: AtomicU64::new(0),
-                }),
-            );
+            let body = SlotBody {
+                resident: None,
+                manifest: Some(m),
+            };
+            slots.insert(id.clone(), Arc::new(Slot::new(id, body)));
         }
         let inner = Arc::new(Inner {
             governor: Arc::clone(&self.governor),
@@ -389,9 +404,7 @@ impl HnswCache {
 
     /// True when the segment is in memory.
     pub fn is_resident(&self, id: &SegmentId) -> bool {
-        self.inner
-            .slot(id)
-            .is_ok_and(|s| s.body.lock().resident.is_some())
+        self.inner.slot(id).is_ok_and(|s| s.charged() > 0)
     }
 
     /// True when the segment is marked hot.
@@ -498,9 +511,11 @@ impl Inner {
         if self.slots.read().contains_key(id) {
             return Err(HnswError::SegmentExists(id.clone()));
         }
+        let charged = Arc::new(AtomicUsize::new(0));
         let mut attempt = 0;
         let seg = loop {
-            match GovernedHnsw::create(&self.governor, id.clone(), self.params) {
+            let meter = Arc::clone(&charged);
+            match GovernedHnsw::create_metered(&self.governor, id.clone(), self.params, meter) {
                 Ok(seg) => break seg,
                 Err(HnswError::Backpressure { needed, source, .. }) => {
                     attempt += 1;
@@ -511,14 +526,13 @@ impl Inner {
                 Err(e) => return Err(e),
             }
         };
+        let body = SlotBody {
+            resident: Some(Arc::new(seg)),
+            manifest: None,
+        };
         let slot = Arc::new(Slot {
-            id: id.clone(),
-            body: Mutex::new(SlotBody {
-                resident: Some(Arc::new(seg)),
-                manifest: None,
-            }),
-            pinned: AtomicBool::new(false),
-            last_access: AtomicU64::new(0),
+            charged,
+            ..Slot::new(id.clone(), body)
         });
         self.touch(&slot);
         let mut slots = self.slots.write();
@@ -599,6 +613,7 @@ impl Inner {
             id.clone(),
             manifest.params(),
             false,
+            Arc::clone(&slot.charged),
         ));
         body.resident = Some(Arc::clone(&seg));
         drop(body);
@@ -709,6 +724,7 @@ impl Inner {
         };
         let bytes = seg.charged_bytes();
         drop(seg);
+        slot.charged.store(0, Ordering::Release);
         self.counters.evictions.fetch_add(1, Ordering::Relaxed);
         self.counters
             .evicted_bytes
@@ -740,13 +756,8 @@ impl Inner {
         let slots: Vec<Arc<Slot>> = self.slots.read().values().cloned().collect();
         let mut results = vec![Vec::new(); queries.len()];
         // Resident segments first: a later load may evict them.
-        let mut order: Vec<(bool, Arc<Slot>)> = slots
-            .into_iter()
-            .map(|s| {
-                let cold = s.body.lock().resident.is_none();
-                (cold, s)
-            })
-            .collect();
+        let mut order: Vec<(bool, Arc<Slot>)> =
+            slots.into_iter().map(|s| (s.charged() == 0, s)).collect();
         order.sort_by_key(|(cold, s)| (*cold, s.id.clone()));
         for (_, slot) in order {
             let seg = self.resident(&slot.id)?;
@@ -844,11 +855,9 @@ impl Inner {
             .read()
             .values()
             .filter(|s| emergency || !s.pinned.load(Ordering::Acquire))
-            .filter_map(|s| {
-                let body = s.body.try_lock_for(SLOT_WAIT)?;
-                let seg = body.resident.as_ref()?;
-                (Arc::strong_count(seg) == 1).then(|| seg.charged_bytes())
-            })
+            // A segment in use by a search at this instant is counted too: this is a plan,
+            // and what a reclaim really frees is what it reports.
+            .map(|s| s.charged())
             .sum()
     }
 
@@ -861,12 +870,8 @@ impl Inner {
             .read()
             .values()
             .filter(|s| !pinned_only || s.pinned.load(Ordering::Acquire))
-            .filter_map(|s| {
-                // A slot locked for a load has no segment yet; its token is counted once
-                // the load completes.
-                let body = s.body.try_lock_for(SLOT_WAIT)?;
-                body.resident.as_ref().map(|seg| seg.charged_bytes())
-            })
+            // A slot being loaded reads 0 until the load completes and books its token.
+            .map(|s| s.charged())
             .sum()
     }
 
@@ -884,14 +889,12 @@ impl Inner {
         for slot in slots.values() {
             let pinned = slot.pinned.load(Ordering::Acquire);
             s.pinned_segments += usize::from(pinned);
-            let Some(body) = slot.body.try_lock_for(SLOT_WAIT) else {
-                continue;
-            };
-            if let Some(seg) = &body.resident {
+            let charged = slot.charged();
+            if charged > 0 {
                 s.resident_segments += 1;
-                s.resident_bytes += seg.charged_bytes();
+                s.resident_bytes += charged;
                 if pinned {
-                    s.pinned_bytes += seg.charged_bytes();
+                    s.pinned_bytes += charged;
                 }
             }
         }

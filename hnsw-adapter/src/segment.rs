@@ -215,8 +215,9 @@ pub struct GovernedHnsw {
     state: Mutex<WriteState>,
     id: SegmentId,
     params: HnswParams,
-    /// Mirror of the token's size, readable without the write mutex.
-    charged: AtomicUsize,
+    /// Mirror of the token's size, readable without the write mutex. Shared with the
+    /// cache's slot, whose lock-free figures read it (0 there means "not resident").
+    charged: Arc<AtomicUsize>,
     /// Set by inserts, cleared by a successful persist: evicting a dirty segment must dump it.
     dirty: AtomicBool,
 }
@@ -227,6 +228,16 @@ impl GovernedHnsw {
         governor: &Arc<MemoryGovernor>,
         id: SegmentId,
         params: HnswParams,
+    ) -> Result<Self, HnswError> {
+        Self::create_metered(governor, id, params, Arc::default())
+    }
+
+    /// [`GovernedHnsw::create`], mirroring its charged bytes into `meter`.
+    pub(crate) fn create_metered(
+        governor: &Arc<MemoryGovernor>,
+        id: SegmentId,
+        params: HnswParams,
+        meter: Arc<AtomicUsize>,
     ) -> Result<Self, HnswError> {
         params.validate()?;
         let model = LayoutModel::new_built(
@@ -252,9 +263,10 @@ impl GovernedHnsw {
                 DistL2 {},
             )
         });
-        Ok(Self::assemble(graph, model, token, id, params, true))
+        Ok(Self::assemble(graph, model, token, id, params, true, meter))
     }
 
+    /// Puts a graph and its reservation together; `meter` will mirror the charged bytes.
     pub(crate) fn assemble(
         graph: GraphCell,
         model: LayoutModel,
@@ -262,8 +274,10 @@ impl GovernedHnsw {
         id: SegmentId,
         params: HnswParams,
         writable: bool,
+        meter: Arc<AtomicUsize>,
     ) -> Self {
-        let charged = AtomicUsize::new(token.size());
+        meter.store(token.size(), Ordering::Release);
+        let charged = meter;
         Self {
             graph,
             state: Mutex::new(WriteState {

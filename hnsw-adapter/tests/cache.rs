@@ -180,11 +180,13 @@ async fn governor_reclaim_frees_what_it_asks_and_keeps_pinned() {
     assert!(!cache.search(&seg(5), &q, 5, 32).unwrap().is_empty());
 }
 
+/// Waits for `cond` with a deadline generous enough for a loaded 2-core machine; the
+/// deadline only turns a hang into a failure, it bounds nothing the test measures.
 async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let t = Instant::now();
     while !cond() {
         assert!(
-            t.elapsed() < Duration::from_secs(20),
+            t.elapsed() < Duration::from_mins(1),
             "timed out waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -197,6 +199,20 @@ fn drive_global_to(gov: &Arc<MemoryGovernor>, target: usize) -> governor_core::R
     gov.try_reserve(EngineId::Timeseries, target - now).unwrap()
 }
 
+fn unpinned(cache: &HnswCache) -> usize {
+    let s = cache.stats();
+    s.resident_bytes - s.pinned_bytes
+}
+
+/// The pressure watcher against the policy: Critical sheds three quarters of the cold bytes
+/// and no pinned ones; an Emergency that evicting the cold segments ends takes every cold
+/// segment and no pinned one; an Emergency that outlasts them takes pinned segments one at
+/// a time, only while it lasts.
+///
+/// Each step waits for the state the policy guarantees, not for a count of evictions: the
+/// watcher sheds in the background, and on a loaded machine it may be preempted between two
+/// evictions of one shed (an earlier version checked right after the Emergency ended, with
+/// the shed's last evictions still to come, and saw 3 segments instead of 2).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn global_pressure_sheds_cold_segments_and_pinned_go_last() {
     let dir = tempfile::tempdir().unwrap();
@@ -217,14 +233,17 @@ async fn global_pressure_sheds_cold_segments_and_pinned_go_last() {
         "fixture: the cache must leave room for Timeseries"
     );
 
-    // Another engine drives global pressure to Critical (85..95 %).
+    // Another engine drives global pressure to Critical (85..95 %): the watcher sheds at
+    // least 75 % of the cold bytes (whole segments), so at most a quarter stays.
     let ts = drive_global_to(&gov, ceiling * 88 / 100);
     let peak = gov.snapshot().global_peak;
     assert!(
         peak >= ceiling * 85 / 100 && peak < ceiling * 95 / 100,
         "Critical, not beyond"
     );
-    wait_for("critical shedding", || cache.stats().evictions >= 4).await;
+    let cold = vector - pinned;
+    let cold_left = cold - cold / 100 * 75;
+    wait_for("critical shedding", || unpinned(&cache) <= cold_left).await;
     let s = cache.stats();
     println!("after critical: {s:?}");
     assert!(
@@ -232,19 +251,23 @@ async fn global_pressure_sheds_cold_segments_and_pinned_go_last() {
         "pinned survive Critical"
     );
     assert_eq!(s.pinned_bytes, pinned);
-    assert!(s.resident_bytes - s.pinned_bytes <= (vector - pinned) / 4 + vector / 8);
 
-    // An Emergency we are part of: every cold segment goes first, and that ends it.
+    // An Emergency we are part of: every cold segment goes first, and that ends it (the
+    // excess is half of the cold bytes, so it ends even if a late Warning shed of the
+    // step before takes one of them first).
     drop(ts);
     let q = vectors(1, 5).pop().unwrap();
     for i in 2..6 {
         cache.search(&seg(i), &q, 5, 32).unwrap();
     }
-    let s = cache.stats();
-    let unpinned = s.resident_bytes - s.pinned_bytes;
-    let ts = drive_global_to(&gov, ceiling * 95 / 100 + unpinned / 2);
+    let cold = unpinned(&cache);
+    let ts = drive_global_to(&gov, ceiling * 95 / 100 + cold / 2);
     // The watcher may already have answered; the high-water mark proves we got there.
     assert!(gov.snapshot().global_peak >= ceiling * 95 / 100);
+    wait_for("every cold segment evicted", || {
+        cache.stats().resident_segments <= 2
+    })
+    .await;
     wait_for("emergency over", || {
         gov.global_pressure() < PressureLevel::Emergency
     })
@@ -267,14 +290,21 @@ async fn global_pressure_sheds_cold_segments_and_pinned_go_last() {
     // The watcher may already have answered; the high-water mark proves we got there.
     assert!(gov.snapshot().global_peak >= ceiling * 95 / 100);
     wait_for("a pinned segment evicted", || {
-        cache.stats().resident_segments == 1
+        cache.stats().resident_segments <= 1
     })
     .await;
     wait_for("emergency over", || {
         gov.global_pressure() < PressureLevel::Emergency
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Below Emergency nothing may take the last pinned segment: what the watcher runs on
+    // every later change, and a governor reclaim, both leave it.
+    let global = gov.global_pressure();
+    assert_eq!(
+        cache.shed_for_pressure(global, gov.engine_pressure(EngineId::Vector)),
+        0
+    );
+    assert_eq!(cache.reclaim(usize::MAX), 0);
     assert_eq!(
         cache.stats().resident_segments,
         1,
