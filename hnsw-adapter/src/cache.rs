@@ -116,6 +116,23 @@ struct SlotBody {
     manifest: Option<SegmentManifest>,
 }
 
+/// A manifest that failed its checks: which file, and why.
+#[derive(Clone, Debug)]
+struct Damage {
+    path: PathBuf,
+    reason: String,
+}
+
+impl Damage {
+    fn error(&self, segment: &SegmentId) -> HnswError {
+        HnswError::Corrupt {
+            segment: segment.clone(),
+            path: self.path.clone(),
+            reason: self.reason.clone(),
+        }
+    }
+}
+
 struct Slot {
     id: SegmentId,
     body: Mutex<SlotBody>,
@@ -126,16 +143,20 @@ struct Slot {
     charged: Arc<AtomicUsize>,
     pinned: AtomicBool,
     last_access: AtomicU64,
+    /// The segment's manifest failed its checks: never loaded, and its id stays taken so
+    /// nothing overwrites the files kept for inspection.
+    damaged: Option<Damage>,
 }
 
 impl Slot {
-    fn new(id: SegmentId, body: SlotBody) -> Self {
+    fn new(id: SegmentId, body: SlotBody, damaged: Option<Damage>) -> Self {
         Self {
             id,
             body: Mutex::new(body),
             charged: Arc::default(),
             pinned: AtomicBool::new(false),
             last_access: AtomicU64::new(0),
+            damaged,
         }
     }
 
@@ -152,6 +173,8 @@ pub(crate) struct Inner {
     policy: PressurePolicy,
     name: String,
     slots: RwLock<BTreeMap<SegmentId, Arc<Slot>>>,
+    /// Damaged manifests whose file name names no segment (we never write such names).
+    unnamed_damage: Vec<Damage>,
     clock: AtomicU64,
     counters: Counters,
 }
@@ -191,9 +214,33 @@ impl HnswCacheBuilder {
     /// Opens the directory (creating it), registers every persisted segment as cold, and
     /// registers the cache with the governor as the Vector engine's reclaimer and as a
     /// source of consumer stats.
+    ///
+    /// A manifest that fails its checks does not fail the build: its segment is listed but
+    /// never loaded (every use of it, [`HnswCache::search_all`] included, returns
+    /// [`HnswError::Corrupt`] naming the file), its files are left as they are, and
+    /// [`HnswCache::damaged`] lists it. Every other segment is served.
     pub fn build(self) -> Result<HnswCache, HnswError> {
         std::fs::create_dir_all(&self.dir).map_err(|e| HnswError::io(&self.dir, e))?;
-        let manifests = store::scan(&self.dir)?;
+        let mut manifests = Vec::new();
+        let mut damaged = BTreeMap::new();
+        let mut unnamed_damage = Vec::new();
+        for found in store::scan(&self.dir)? {
+            match found {
+                store::Scanned::Ok(m) => manifests.push(m),
+                store::Scanned::Damaged {
+                    segment: Some(id),
+                    path,
+                    reason,
+                } => {
+                    damaged.insert(id, Damage { path, reason });
+                }
+                store::Scanned::Damaged {
+                    segment: None,
+                    path,
+                    reason,
+                } => unnamed_damage.push(Damage { path, reason }),
+            }
+        }
         let params = match (self.params, manifests.first()) {
             (Some(p), _) => p,
             (None, Some(m)) => m.params(),
@@ -220,13 +267,19 @@ impl HnswCacheBuilder {
             }
         }
         let mut slots = BTreeMap::new();
-        for m in manifests {
-            let id = m.segment()?;
+        let cold = |id: SegmentId, manifest, damaged| {
             let body = SlotBody {
                 resident: None,
-                manifest: Some(m),
+                manifest,
             };
-            slots.insert(id.clone(), Arc::new(Slot::new(id, body)));
+            Arc::new(Slot::new(id, body, damaged))
+        };
+        for m in manifests {
+            let id = m.segment()?;
+            slots.insert(id.clone(), cold(id, Some(m), None));
+        }
+        for (id, damage) in damaged {
+            slots.insert(id.clone(), cold(id, None, Some(damage)));
         }
         let inner = Arc::new(Inner {
             governor: Arc::clone(&self.governor),
@@ -235,6 +288,7 @@ impl HnswCacheBuilder {
             policy: self.policy,
             name: self.name,
             slots: RwLock::new(slots),
+            unnamed_damage,
             clock: AtomicU64::new(1),
             counters: Counters::default(),
         });
@@ -332,6 +386,22 @@ impl HnswCache {
     /// The segments known, in id order.
     pub fn segments(&self) -> Vec<SegmentId> {
         self.inner.slots.read().keys().cloned().collect()
+    }
+
+    /// Segments whose manifest failed its checks when the cache was built, as the
+    /// [`HnswError::Corrupt`] each use of them returns (naming the file and what is wrong).
+    /// Their files are kept as found; remove or restore them, then build the cache again.
+    pub fn damaged(&self) -> Vec<HnswError> {
+        let unnamed = SegmentId::new("unnamed", 0).expect("valid literal id");
+        let mut out: Vec<HnswError> = self
+            .inner
+            .slots
+            .read()
+            .values()
+            .filter_map(|s| s.damaged.as_ref().map(|d| d.error(&s.id)))
+            .collect();
+        out.extend(self.inner.unnamed_damage.iter().map(|d| d.error(&unnamed)));
+        out
     }
 
     /// Creates an empty, resident segment (reserving its tables first).
@@ -532,7 +602,7 @@ impl Inner {
         };
         let slot = Arc::new(Slot {
             charged,
-            ..Slot::new(id.clone(), body)
+            ..Slot::new(id.clone(), body, None)
         });
         self.touch(&slot);
         let mut slots = self.slots.write();
@@ -595,20 +665,40 @@ impl Inner {
             self.counters.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(Arc::clone(seg));
         }
+        if let Some(damage) = &slot.damaged {
+            return Err(damage.error(id));
+        }
         let Some(manifest) = body.manifest.clone() else {
             // A never-persisted segment is resident until persisted; reaching here would
             // mean it was dropped unpersisted, which eviction never does.
             return Err(HnswError::UnknownSegment(id.clone()));
         };
-        let needed = manifest.load_bytes();
-        let mut token = self.reserve_evicting(id, needed)?;
-        let (graph, model) = store::load_graph(&self.dir, &manifest)?;
-        // The loader's temporary map is gone now; keep what the graph holds.
-        let transient = needed - manifest.resident_bytes();
-        token.shrink(transient)?;
+        let mut token = self.reserve_evicting(id, manifest.load_reservation())?;
+        let loaded = store::load_graph(&self.dir, &manifest)?;
+        // Book what the loaded graph measures, not what the file claims (the loader's
+        // temporary map is gone by now). On failure the graph goes before its token.
+        let bytes = loaded.measured.resident;
+        if let Err(e) = self.rebook(&mut token, bytes, id) {
+            drop(loaded);
+            return Err(e);
+        }
+        if manifest.is_checksummed() && manifest.resident_bytes() != bytes {
+            tracing::warn!(segment = %id, manifest = manifest.resident_bytes(), measured = bytes,
+                "vector segment measures other than its manifest says; booked as measured");
+        }
+        if !manifest.is_checksummed() {
+            // An old, unchecksummed manifest: rewrite it with the measured figures so later
+            // loads reserve what this one found instead of the worst case.
+            let upgraded = manifest.remeasured(&loaded.measured);
+            match store::write_manifest_file(&self.dir, &upgraded) {
+                Ok(()) => body.manifest = Some(upgraded),
+                Err(e) => tracing::warn!(segment = %id, error = %e,
+                    "could not rewrite an old vector manifest; it stays unchecksummed"),
+            }
+        }
         let seg = Arc::new(GovernedHnsw::assemble(
-            graph,
-            model,
+            loaded.graph,
+            loaded.model,
             token,
             id.clone(),
             manifest.params(),
@@ -619,8 +709,35 @@ impl Inner {
         drop(body);
         self.counters.loads.fetch_add(1, Ordering::Relaxed);
         self.note_peak();
-        tracing::debug!(segment = %id, bytes = manifest.resident_bytes(), "vector segment loaded");
+        tracing::debug!(segment = %id, bytes, "vector segment loaded");
         Ok(seg)
+    }
+
+    /// Resizes a load's reservation to `bytes`: returns the surplus, or grows it (evicting
+    /// colder segments as a load would) when the graph measures more than was reserved.
+    fn rebook(
+        &self,
+        token: &mut ReservationToken,
+        bytes: usize,
+        id: &SegmentId,
+    ) -> Result<(), HnswError> {
+        let held = token.size();
+        if bytes <= held {
+            token.shrink(held - bytes)?;
+            return Ok(());
+        }
+        let more = bytes - held;
+        let mut attempt = 0;
+        loop {
+            let refused = match token.try_grow(more) {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            attempt += 1;
+            if attempt >= MAX_ATTEMPTS || self.make_room(more, Some(id)) == 0 {
+                return Err(self.no_room(id, bytes, refused));
+            }
+        }
     }
 
     /// A reservation of `needed` Vector bytes, evicting colder segments (never `id`, never

@@ -131,6 +131,49 @@ pub fn load_transient_bytes(per_point_transient_sum: usize) -> usize {
     2 * size_class(8 * 1024) + per_point_transient_sum
 }
 
+/// What a graph reloaded from a dump of `layer_len` points per layer can take, whatever its
+/// edges: resident bytes and the loader's transient peak, each as `(least, most)`. A point
+/// holds at least its fixed part and at most full lists (`2M` edges at layer 0, `M` above,
+/// up to the top layer). `None` when even the least cannot be represented (a damaged
+/// figure: no such graph fits in memory). The most saturates at `usize::MAX`, which is
+/// still an upper bound.
+pub fn loaded_bounds(
+    dim: usize,
+    max_nb_connection: usize,
+    layer_len: &[usize; NB_LAYER_MAX],
+) -> Option<((usize, usize), (usize, usize))> {
+    // Beyond this no allocation can exist; it also keeps `size_class` from overflowing.
+    const MAX_ALLOC: usize = isize::MAX.unsigned_abs();
+    let class = |bytes: usize| (bytes <= MAX_ALLOC).then(|| size_class(bytes));
+    let vector = class(dim.checked_mul(size_of::<f32>())?)?;
+    let fixed = point_fixed_bytes(0).checked_add(vector)?;
+    let mut points = 0usize;
+    let mut base = SEGMENT_FIXED_BYTES + size_class(NB_LAYER_MAX * size_of::<Vec<usize>>());
+    for &n in layer_len {
+        points = points.checked_add(n)?;
+        base = base.checked_add(class(n.checked_mul(size_of::<usize>())?)?)?;
+    }
+    let least = points.checked_mul(fixed)?.checked_add(base)?;
+    if least > MAX_ALLOC {
+        return None;
+    }
+    let top = layer_len.iter().rposition(|&n| n > 0).unwrap_or(0);
+    let mut full = [max_nb_connection; NB_LAYER_MAX];
+    full[0] = 2 * max_nb_connection;
+    let full = &full[..=top];
+    let most = points
+        .saturating_mul(loaded_point_bytes(0, full).saturating_add(vector))
+        .saturating_add(base);
+    let buffers = load_transient_bytes(0);
+    let transient_least = points
+        .checked_mul(load_transient_point_bytes(&[]))?
+        .checked_add(buffers)?;
+    let transient_most = points
+        .saturating_mul(load_transient_point_bytes(full))
+        .saturating_add(buffers);
+    Some(((least, most), (transient_least, transient_most)))
+}
+
 /// How the capacity of one layer table (`points_by_layer[l]`) evolves, mirrored from
 /// `PointIndexation::new`, so an insert can reserve the table's doubling before it happens.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -338,6 +381,37 @@ mod tests {
             loaded.writable_bytes() - loaded.base_bytes(),
             10 * loaded.point_bound(0, 1) + 2 * loaded.point_bound(1, 1)
         );
+    }
+
+    #[test]
+    fn loaded_bounds_hold_every_edge_count_and_refuse_impossible_sizes() {
+        let mut lens = [0; NB_LAYER_MAX];
+        lens[0] = 90;
+        lens[1] = 9;
+        lens[2] = 1;
+        let ((least, most), (t_least, t_most)) = loaded_bounds(32, 16, &lens).unwrap();
+        let base = SEGMENT_FIXED_BYTES
+            + size_class(NB_LAYER_MAX * 24)
+            + size_class(90 * 8)
+            + size_class(9 * 8)
+            + size_class(8);
+        assert_eq!(least, base + 100 * loaded_point_bytes(32, &[]));
+        // A point at layer 2 with full lists is the most any point can hold.
+        assert_eq!(most, base + 100 * loaded_point_bytes(32, &[32, 16, 16]));
+        assert!(least < most && t_least < t_most);
+        assert_eq!(
+            t_most,
+            load_transient_bytes(100 * load_transient_point_bytes(&[32, 16, 16]))
+        );
+        // Sizes no memory can hold have no lower bound; the upper one saturates.
+        assert_eq!(loaded_bounds(usize::MAX, 16, &lens), None);
+        lens[3] = usize::MAX / 2;
+        assert_eq!(loaded_bounds(32, 16, &lens), None);
+        let mut empty = [0; NB_LAYER_MAX];
+        let ((least, most), _) = loaded_bounds(32, 16, &empty).unwrap();
+        assert_eq!(least, most);
+        empty[0] = usize::MAX / 64;
+        assert_eq!(loaded_bounds(1, 255, &empty), None);
     }
 
     #[test]

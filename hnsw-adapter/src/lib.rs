@@ -44,8 +44,11 @@
 //!
 //! [`HnswCache`] holds many segments under the Vector budget:
 //! - **Load on demand.** A search of a cold segment reserves the segment's resident size
-//!   *plus* the loader's peak (both stored in its manifest at dump time), evicting colder
-//!   segments until the governor grants it; then loads; then returns the loader's share.
+//!   *plus* the loader's peak (both stored in its checksummed manifest at dump time, and
+//!   checked against what a graph of that shape can take), evicting colder segments until
+//!   the governor grants it; then loads; then books what the loaded graph measures and
+//!   returns the rest. A damaged manifest leaves its segment listed as damaged
+//!   ([`HnswCache::damaged`]) and every other segment served (see [`store`]).
 //!   If even evicting every cold segment is not enough, it fails with
 //!   [`HnswError::NoRoom`]; it never loads over budget.
 //! - **Evict coldest first.** Least recently used, unpinned first. Triggered by a load or

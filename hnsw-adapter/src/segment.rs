@@ -88,6 +88,10 @@ impl fmt::Display for SegmentId {
     }
 }
 
+/// Largest vector dimension: the byte model multiplies it by sizes and point counts, and a
+/// vector of 4 MiB is far beyond any embedding.
+const MAX_DIM: usize = 1 << 20;
+
 /// HNSW construction settings of a segment.
 ///
 /// ```
@@ -160,8 +164,8 @@ impl HnswParams {
                 reason: reason.to_owned(),
             })
         };
-        if self.dim == 0 {
-            return bad("dim", "must be at least 1");
+        if !(1..=MAX_DIM).contains(&self.dim) {
+            return bad("dim", "must be in 1..=1048576 (a vector is at most 4 MiB)");
         }
         if !(2..=255).contains(&self.max_connections) {
             return bad(

@@ -146,12 +146,160 @@ fn damaged_dump_is_corrupt_not_a_panic() {
         "the load's reservation was returned"
     );
 
+    // A manifest that is not even JSON: the segment is listed as damaged, not loaded.
     std::fs::write(dir.path().join("docs.0.manifest.json"), b"{ not json").unwrap();
-    let err = HnswCache::builder(gov, dir.path()).build().err().unwrap();
+    // (Its only segment is damaged, so the settings for new segments must be given.)
+    let cache = HnswCache::builder(gov, dir.path())
+        .params(params(300))
+        .build()
+        .unwrap();
+    let err = cache.search(&seg(0), &vectors(1, 1)[0], 3, 16).unwrap_err();
     assert!(
         matches!(&err, HnswError::Corrupt { segment, .. } if *segment == seg(0)),
         "{err}"
     );
+    assert_eq!(cache.damaged().len(), 1);
+}
+
+/// Sets a manifest field wherever the format keeps it (the old format at the top level,
+/// the checksummed one under `manifest`).
+fn set_field(v: &mut serde_json::Value, key: &str, value: serde_json::Value) {
+    match v.get_mut("manifest") {
+        Some(body) => body[key] = value,
+        None => v[key] = value,
+    }
+}
+
+/// The manifest as the old, unchecksummed format 1 wrote it: the fields at the top level.
+fn old_format(current: &[u8]) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_slice(current).unwrap();
+    let mut body = v.get("manifest").cloned().unwrap_or(v);
+    body["format"] = 1.into();
+    body
+}
+
+/// A manifest's figures decide what a load reserves and books, so they are checked, never
+/// trusted: a damaged or lying one is a typed error naming the file (never a panic, never a
+/// segment booked at a byte), and every other segment is still served. An old,
+/// unchecksummed manifest still loads, booked at what the graph measures.
+#[test]
+fn damaged_or_lying_manifests_are_corrupt_and_lose_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let gov = governor(mib(64), mib(128));
+        let cache = HnswCache::builder(gov, dir.path())
+            .params(params(300))
+            .build()
+            .unwrap();
+        populate(&cache, 3, 300);
+    }
+    let path = dir.path().join("docs.0.manifest.json");
+    let original = std::fs::read(&path).unwrap();
+    let q = vectors(1, 3).pop().unwrap();
+    // What segment 0 really takes once loaded.
+    let clean = {
+        let gov = governor(mib(64), mib(128));
+        let cache = HnswCache::builder(gov.clone(), dir.path()).build().unwrap();
+        cache.search(&seg(0), &q, 3, 16).unwrap();
+        gov.reserved(EngineId::Vector)
+    };
+    assert!(clean > 100_000, "fixture: a real segment ({clean} B)");
+    let write = |v: &serde_json::Value| {
+        let bytes = serde_json::to_vec_pretty(v).unwrap();
+        std::fs::write(&path, &bytes).unwrap();
+        bytes
+    };
+
+    let expect_corrupt = |what: &str, v: serde_json::Value| {
+        let written = write(&v);
+        let gov = governor(mib(64), mib(128));
+        let cache = HnswCache::builder(gov.clone(), dir.path()).build().unwrap();
+        let damaged = cache.damaged();
+        assert_eq!(damaged.len(), 1, "{what}: {damaged:?}");
+        let err = cache.search(&seg(0), &q, 3, 16).unwrap_err();
+        assert!(
+            matches!(&err, HnswError::Corrupt { segment, path: p, .. }
+                if *segment == seg(0) && *p == path),
+            "{what}: {err}"
+        );
+        assert_eq!(gov.reserved(EngineId::Vector), 0, "{what}: nothing booked");
+        assert!(
+            !cache.search(&seg(1), &q, 3, 16).unwrap().is_empty(),
+            "{what}: the other segments are still served"
+        );
+        assert!(
+            matches!(cache.search_all(&q, 3, 16), Err(HnswError::Corrupt { .. })),
+            "{what}: no silently partial answer"
+        );
+        assert!(
+            matches!(
+                cache.create_segment(&seg(0)),
+                Err(HnswError::SegmentExists(_))
+            ),
+            "{what}: the damaged segment's id stays taken"
+        );
+        drop(cache);
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            written,
+            "{what}: the evidence is kept as found"
+        );
+    };
+
+    // Current format, a figure edited without its checksum: 1 byte, and usize::MAX.
+    for (what, bytes) in [("one byte", 1), ("usize::MAX", usize::MAX)] {
+        let mut v: serde_json::Value = serde_json::from_slice(&original).unwrap();
+        set_field(&mut v, "resident_bytes", bytes.into());
+        expect_corrupt(what, v);
+    }
+    // Old format (no checksum): figures no graph of its shape can take.
+    for (what, key, bytes) in [
+        ("old format, one byte", "resident_bytes", 1),
+        ("old format, usize::MAX", "resident_bytes", usize::MAX),
+        (
+            "old format, load peak usize::MAX",
+            "load_transient_bytes",
+            usize::MAX,
+        ),
+    ] {
+        let mut v = old_format(&original);
+        v[key] = bytes.into();
+        expect_corrupt(what, v);
+    }
+
+    // Old format, as the old code wrote it, and with a plausible but low figure: both load,
+    // booked at what the graph measures, and the manifest is rewritten checksummed.
+    let body = old_format(&original);
+    let dim = body["dim"].as_u64().unwrap() as usize;
+    let m = body["max_connections"].as_u64().unwrap() as usize;
+    let mut layers = [0usize; hnsw_adapter::layout::NB_LAYER_MAX];
+    for (l, n) in body["layer_len"].as_array().unwrap().iter().enumerate() {
+        layers[l] = n.as_u64().unwrap() as usize;
+    }
+    let ((least, _), _) = hnsw_adapter::layout::loaded_bounds(dim, m, &layers).unwrap();
+    assert!(least < clean);
+    for (what, figure) in [
+        ("old format", None),
+        ("old format, low figure", Some(least)),
+    ] {
+        let mut v = old_format(&original);
+        if let Some(f) = figure {
+            v["resident_bytes"] = f.into();
+        }
+        write(&v);
+        let gov = governor(mib(64), mib(128));
+        let cache = HnswCache::builder(gov.clone(), dir.path()).build().unwrap();
+        assert!(cache.damaged().is_empty(), "{what}");
+        assert!(!cache.search(&seg(0), &q, 3, 16).unwrap().is_empty());
+        assert_eq!(
+            gov.reserved(EngineId::Vector),
+            clean,
+            "{what}: booked as measured"
+        );
+        let upgraded = hnsw_adapter::SegmentManifest::read(&path).unwrap();
+        assert!(upgraded.is_checksummed(), "{what}");
+        assert_eq!(upgraded.resident_bytes(), clean, "{what}");
+    }
 }
 
 #[test]
@@ -171,6 +319,7 @@ fn bad_input_gets_typed_errors() {
         HnswParams::new(8).max_connections(300),
         HnswParams::new(8).ef_construction(0),
         HnswParams::new(8).max_layer(17),
+        HnswParams::new(usize::MAX),
     ] {
         assert!(matches!(
             GovernedHnsw::create(&gov, seg(0), bad),

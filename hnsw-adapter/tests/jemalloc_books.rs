@@ -110,8 +110,8 @@ fn books_match_jemalloc() {
     let books = gov.reserved(EngineId::Vector);
     let manifest_load = {
         // The reservation a load takes: resident + the loader's transient share.
-        let text = std::fs::read_to_string(dir.path().join("docs.0.manifest.json")).unwrap();
-        let m: hnsw_adapter::SegmentManifest = serde_json::from_str(&text).unwrap();
+        let m =
+            hnsw_adapter::SegmentManifest::read(&dir.path().join("docs.0.manifest.json")).unwrap();
         assert_eq!(m.resident_bytes(), books);
         m.load_bytes()
     };
@@ -160,7 +160,7 @@ fn books_match_jemalloc() {
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.to_string_lossy().ends_with(".manifest.json"))
-        .map(|p| serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap())
+        .map(|p| hnsw_adapter::SegmentManifest::read(&p).unwrap())
         .collect();
     let total: usize = manifests
         .iter()
