@@ -262,7 +262,8 @@ impl Books {
             Denial::Limit { limit, .. } => MemError::BudgetExhausted {
                 engine,
                 requested,
-                available: limit.saturating_sub(reserved),
+                // The allocator drift charged to the engine takes room like a reservation.
+                available: limit.saturating_sub(reserved + self.row(engine).untracked()),
                 reserved,
                 limit,
             },

@@ -34,6 +34,8 @@ pub struct MemoryGovernor {
     pub(crate) consumer_stats: StatsRegistry,
     pub(crate) runtime: OnceLock<tokio::runtime::Runtime>,
     config_changes: parking_lot::Mutex<()>,
+    /// Per-engine allocator figures from the RSS monitor's reconciliation (`reconcile` module).
+    pub(crate) allocation: crate::reconcile::AllocationBook,
 }
 
 impl MemoryGovernor {
@@ -61,6 +63,7 @@ impl MemoryGovernor {
             consumer_stats: StatsRegistry::default(),
             runtime: OnceLock::new(),
             config_changes: parking_lot::Mutex::new(()),
+            allocation: crate::reconcile::AllocationBook::default(),
         }))
     }
 
@@ -231,7 +234,8 @@ impl MemoryGovernor {
     }
 
     /// Bytes granted to `engine`: its tokens plus at most a few quanta of idle per-thread
-    /// credit (see the `ledger` module). This is what pressure is computed from.
+    /// credit (see the `ledger` module), plus the allocator drift charged to it
+    /// ([`engine_untracked`](Self::engine_untracked)). This is what pressure is computed from.
     pub fn granted(&self, engine: EngineId) -> usize {
         self.row(engine).granted()
     }
@@ -252,15 +256,17 @@ impl MemoryGovernor {
     }
 
     /// Bytes a `try_reserve` of `engine` could get right now: the smaller of the engine's room
-    /// under its limit and the room under the ceiling.
+    /// under its limit (less the drift charged to it) and the room under the ceiling.
     pub fn available(&self, engine: EngineId) -> usize {
         if !self.is_configured(engine) {
             return 0;
         }
-        let engine_room = self.limit(engine).saturating_sub(self.reserved(engine));
-        let global_room = self
-            .ceiling()
-            .saturating_sub(self.global_reserved() + self.untracked());
+        let engine_room = self
+            .limit(engine)
+            .saturating_sub(self.reserved(engine) + self.engine_untracked(engine));
+        let global_room = self.ceiling().saturating_sub(
+            self.global_reserved() + self.untracked() + self.total_engine_untracked(),
+        );
         engine_room.min(global_room)
     }
 

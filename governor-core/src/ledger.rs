@@ -190,6 +190,10 @@ pub(crate) struct EngineLedger {
     room: CachePadded<AtomicIsize>,
     peak: AtomicUsize,
     shards: Box<[CachePadded<AtomicUsize>]>,
+    /// Bytes the engine's arena holds beyond its tokens (allocator drift, set by the RSS
+    /// monitor's reconciliation): taken from `room` and from the global counter like a grant,
+    /// but never counted as reserved.
+    untracked: AtomicUsize,
 }
 
 impl EngineLedger {
@@ -201,7 +205,8 @@ impl EngineLedger {
         self.floor.load(Ordering::Acquire)
     }
 
-    /// Bytes granted to the engine: held by tokens plus idle shard credit.
+    /// Bytes granted to the engine: held by tokens plus idle shard credit, plus the drift
+    /// charged to it as untracked (everything counted against its limit).
     pub(crate) fn granted(&self) -> usize {
         let room = self.room.load(Ordering::Acquire);
         (self.limit() as isize - room).max(0) as usize
@@ -220,7 +225,14 @@ impl EngineLedger {
             .iter()
             .map(|s| credit_of(s.load(Ordering::Acquire)))
             .sum();
-        self.granted().saturating_sub(credit)
+        self.granted()
+            .saturating_sub(credit)
+            .saturating_sub(self.untracked())
+    }
+
+    /// Bytes charged to the engine as untracked (see [`Ledger::set_engine_untracked`]).
+    pub(crate) fn untracked(&self) -> usize {
+        self.untracked.load(Ordering::Acquire)
     }
 
     /// The shard word of shard `index` (threads map to shards modulo the shard count).
@@ -284,6 +296,7 @@ impl Ledger {
                 quantum: quantum(limit),
                 room: CachePadded(AtomicIsize::new(limit as isize)),
                 peak: AtomicUsize::new(0),
+                untracked: AtomicUsize::new(0),
                 shards: (0..shards)
                     .map(|_| CachePadded(AtomicUsize::new(0)))
                     .collect(),
@@ -603,6 +616,31 @@ impl Ledger {
                 .fetch_max(global_before + bytes - before, Ordering::AcqRel);
         } else {
             self.global.fetch_sub(before - bytes, Ordering::AcqRel);
+        }
+    }
+
+    /// Sets the untracked charge of one engine (what its arena holds beyond its tokens),
+    /// replacing the previous figure. Like [`set_untracked`](Self::set_untracked) it is a fact,
+    /// not a request: it takes room from the engine and from the ceiling unchecked, so a large
+    /// drift can leave the engine's room negative (every admission of that engine is then
+    /// refused until it comes down), while other engines' rooms under their limits stay as
+    /// they were. Clamped to the ceiling: more than that cannot be refused any harder.
+    pub(crate) fn set_engine_untracked(&self, e: &EngineLedger, bytes: usize) {
+        let bytes = bytes.min(self.ceiling);
+        let before = e.untracked.swap(bytes, Ordering::AcqRel);
+        if bytes >= before {
+            let rise = bytes - before;
+            // Both fit an isize: they are at most the ceiling, a validated configuration value.
+            e.room.fetch_sub(rise as isize, Ordering::AcqRel);
+            let global_before = self.global.fetch_add(rise, Ordering::AcqRel);
+            self.global_peak
+                .fetch_max(global_before + rise, Ordering::AcqRel);
+            // Credit granted before the room shrank must not admit past the new room.
+            self.drain_all();
+        } else {
+            let fall = before - bytes;
+            e.room.fetch_add(fall as isize, Ordering::AcqRel);
+            self.global.fetch_sub(fall, Ordering::AcqRel);
         }
     }
 

@@ -63,7 +63,10 @@
 //! *untracked* account, so the room for reservations shrinks when memory leaks out of the
 //! books; at Emergency it purges jemalloc and reclaims from borrowers, and if that is not
 //! enough, from every holder below its floor too (floors protect an engine from other
-//! engines, not from the process passing its ceiling). The `numa` module places threads and
+//! engines, not from the process passing its ceiling). With one jemalloc arena per engine
+//! ([`MemoryGovernor::engine_runtime_builder`], [`MemoryGovernor::enter_engine`]) the monitor
+//! also reconciles each engine's books with its arena and charges an engine's own drift to
+//! that engine alone (the `reconcile` module). The `numa` module places threads and
 //! arenas on NUMA nodes, and optional per-node sub-ceilings bound what all engines together
 //! hold on each node (the `node` module says which node a reservation counts against).
 //!
@@ -95,6 +98,7 @@ pub mod alloc;
 mod books;
 mod config;
 mod engine;
+mod engine_arena;
 mod error;
 mod governor;
 mod handle;
@@ -107,6 +111,7 @@ pub mod numa;
 pub mod pressure;
 pub mod rebalance;
 pub mod reclaim;
+pub mod reconcile;
 mod reservation;
 pub mod rss_monitor;
 pub mod spill;
@@ -133,9 +138,10 @@ pub use spill::{SpillAction, SpillConfig, SpillController};
 
 // --- allocator & NUMA (issue 6) ---
 pub use alloc::{
-    CollectionArenaRegistry, CollectionKey, SystemMemoryStats, current_thread_arena,
+    CollectionArenaRegistry, CollectionKey, EngineGuard, SystemMemoryStats, current_thread_arena,
     pin_thread_arena,
 };
 #[cfg(feature = "numa")]
 pub use numa::{NumaCeilings, NumaTopology, bind_thread_to_local_numa};
+pub use reconcile::{EngineAllocation, Reconciliation};
 pub use rss_monitor::{RssMonitorConfig, RssMonitorHandle, RssMonitorStats};

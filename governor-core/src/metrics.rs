@@ -3,6 +3,12 @@
 //! The snapshot reads the ledger without stopping it, so under load two figures may be a few
 //! operations apart; each single figure is one atomic read. Adapters add their own consumers
 //! (DataFusion operators, HNSW segments, memtables) through [`ConsumerStatsSource`].
+//!
+//! With engine arenas, each engine also carries its allocator truth from the RSS monitor's last
+//! reconciliation ([`EngineAllocation`]): bytes allocated and resident in its arena, drift
+//! against its reservations, and the drift charged to it. When those figures cannot be had the
+//! snapshot says so ([`Reconciliation`]) and the Prometheus text leaves the series out rather
+//! than publishing zeros.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -17,6 +23,7 @@ use prometheus_client::registry::Registry;
 use crate::engine::EngineId;
 use crate::governor::MemoryGovernor;
 use crate::pressure::PressureLevel;
+use crate::reconcile::{EngineAllocation, Reconciliation};
 
 /// One engine's figures.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,6 +60,11 @@ pub struct EngineSnapshot {
     pub waiting_bytes: usize,
     /// Pressure level.
     pub pressure: PressureLevel,
+    /// Bytes of allocator drift charged to the engine as untracked (counted in `granted`).
+    pub untracked: usize,
+    /// The engine arena's figures from the last reconciliation; `None` when the engine has no
+    /// arena or figures are unavailable ([`GovernorSnapshot::reconciliation`] says which).
+    pub allocation: Option<EngineAllocation>,
 }
 
 /// One adapter-level consumer's figures (a DataFusion operator, an HNSW cache, a memtable).
@@ -101,6 +113,8 @@ pub struct GovernorSnapshot {
     pub consumers: Vec<ConsumerSnapshot>,
     /// NUMA nodes with a row in the books (empty unless the configuration bounds nodes).
     pub numa_nodes: Vec<NumaNodeSnapshot>,
+    /// Whether per-engine allocator figures exist, and if not, why.
+    pub reconciliation: Reconciliation,
 }
 
 /// What all engines hold on one NUMA node, when the configuration bounds nodes.
@@ -127,6 +141,10 @@ impl GovernorSnapshot {
         #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
         struct EngineLabel {
             engine: String,
+        }
+        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+        struct StateLabel {
+            state: String,
         }
         #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
         struct NodeLabel {
@@ -172,6 +190,22 @@ impl GovernorSnapshot {
             let family = Family::<EngineLabel, Gauge>::default();
             for (label, e) in listed(snapshot) {
                 family.get_or_create(&label).set(as_gauge(value(e)));
+            }
+            registry.register(name, help, family);
+        }
+        /// Per-engine allocator figures, only for engines that have them.
+        fn allocation_gauge(
+            registry: &mut Registry,
+            snapshot: &GovernorSnapshot,
+            name: &str,
+            help: &str,
+            value: impl Fn(&EngineAllocation) -> i64,
+        ) {
+            let family = Family::<EngineLabel, Gauge>::default();
+            for (label, e) in listed(snapshot) {
+                if let Some(allocation) = &e.allocation {
+                    family.get_or_create(&label).set(value(allocation));
+                }
             }
             registry.register(name, help, family);
         }
@@ -357,6 +391,75 @@ impl GovernorSnapshot {
             "Bytes booked without admission (resident memory)",
             |e| e.forced_bytes,
         );
+        engine_gauge(
+            r,
+            self,
+            "engine_untracked_bytes",
+            "Allocator drift charged to the engine against its limit",
+            |e| e.untracked,
+        );
+        let state = Family::<StateLabel, Gauge>::default();
+        for candidate in ["not_running", "unavailable", "active"] {
+            let value = i64::from(self.reconciliation.label() == candidate);
+            state
+                .get_or_create(&StateLabel {
+                    state: candidate.into(),
+                })
+                .set(value);
+        }
+        r.register(
+            "engine_reconciliation",
+            "1 for the state of the per-engine allocator reconciliation (not_running, unavailable, active)",
+            state,
+        );
+        if self.engines.iter().any(|e| e.allocation.is_some()) {
+            allocation_gauge(
+                r,
+                self,
+                "engine_allocated_bytes",
+                "Bytes in live objects of the engine's jemalloc arena",
+                |a| as_gauge(a.allocated),
+            );
+            allocation_gauge(
+                r,
+                self,
+                "engine_resident_bytes",
+                "Resident bytes of the engine's jemalloc arena",
+                |a| as_gauge(a.resident),
+            );
+            allocation_gauge(
+                r,
+                self,
+                "engine_drift_bytes",
+                "Arena allocated minus reserved (negative: reserved more than allocated)",
+                |a| a.drift,
+            );
+            allocation_gauge(
+                r,
+                self,
+                "engine_peak_drift_bytes",
+                "Highest drift seen",
+                |a| a.peak_drift,
+            );
+            allocation_gauge(
+                r,
+                self,
+                "engine_peak_allocated_bytes",
+                "Highest arena allocated seen",
+                |a| as_gauge(a.peak_allocated),
+            );
+            let alarms = Family::<EngineLabel, Counter>::default();
+            for (label, e) in listed(self) {
+                if let Some(a) = &e.allocation {
+                    alarms.get_or_create(&label).inc_by(a.alarms);
+                }
+            }
+            r.register(
+                "engine_drift_alarms",
+                "Times the engine's drift passed the alarm fraction of its limit",
+                alarms,
+            );
+        }
         consumer_gauge(
             r,
             self,
@@ -465,6 +568,8 @@ impl MemoryGovernor {
                     reclaim_failures: c.reclaim_failures.load(Ordering::Relaxed),
                     waiting_bytes: c.waiting_bytes.load(Ordering::Relaxed),
                     pressure: self.engine_pressure(engine),
+                    untracked: self.engine_untracked(engine),
+                    allocation: self.engine_allocation(engine),
                 }
             })
             .collect();
@@ -498,6 +603,7 @@ impl MemoryGovernor {
                     })
                     .collect()
             }),
+            reconciliation: self.reconciliation(),
         }
     }
 }

@@ -58,6 +58,12 @@
 //! [`RssMonitorConfig::with_shed_below_floors`].
 //! The unit tests drive the law over a synthetic ramp and a closed-loop simulation, without
 //! threads.
+//!
+//! **Per engine.** When engines run on their own jemalloc arenas, each tick also reconciles
+//! every engine's reservations with its arena and charges an engine's positive drift to that
+//! engine alone; the global figure above then covers only what no engine arena explains
+//! (`R − T − Σ charged`). The per-engine law and its dead band are stated in the
+//! [`reconcile`](crate::reconcile) module.
 
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
@@ -69,6 +75,7 @@ use crate::alloc::{
     Figure, JemallocStats, MemorySource, jemalloc_is_global_allocator, process_resident_bytes,
     purge_all_arenas,
 };
+use crate::reconcile::{DEFAULT_DRIFT_ALARM, EngineDriftLaw, Reconciled, Reconciler};
 use crate::{MemError, MemoryGovernor, PressureLevel, ReclaimScope, human_bytes, mib};
 
 /// The monitor's default sampling interval.
@@ -236,6 +243,9 @@ pub struct RssMonitorConfig {
     shed_below_floors: bool,
     reclaim_wait: Duration,
     cooldown_ticks: u32,
+    reconcile_engines: bool,
+    engine_law: Option<EngineDriftLaw>,
+    drift_alarm: f64,
 }
 
 impl Default for RssMonitorConfig {
@@ -249,6 +259,9 @@ impl Default for RssMonitorConfig {
             shed_below_floors: true,
             reclaim_wait: Duration::from_secs(2),
             cooldown_ticks: 5,
+            reconcile_engines: true,
+            engine_law: None,
+            drift_alarm: DEFAULT_DRIFT_ALARM,
         }
     }
 }
@@ -307,6 +320,31 @@ impl RssMonitorConfig {
         self
     }
 
+    /// Whether each tick reconciles every engine's books with its arena and charges its drift
+    /// to it (default true; see the [`reconcile`](crate::reconcile) module). Without jemalloc
+    /// as the global allocator it reports the figures unavailable either way.
+    #[must_use]
+    pub fn with_engine_reconciliation(mut self, reconcile: bool) -> Self {
+        self.reconcile_engines = reconcile;
+        self
+    }
+
+    /// One drift law for every engine (default [`EngineDriftLaw::for_limit`] of each engine's
+    /// limit).
+    #[must_use]
+    pub fn with_engine_law(mut self, law: EngineDriftLaw) -> Self {
+        self.engine_law = Some(law);
+        self
+    }
+
+    /// Raise a drift alarm when an engine's drift (either sign) passes this fraction of its
+    /// limit (default [`DEFAULT_DRIFT_ALARM`], a quarter); must be finite and above 0.
+    #[must_use]
+    pub fn with_drift_alarm(mut self, fraction_of_limit: f64) -> Self {
+        self.drift_alarm = fraction_of_limit;
+        self
+    }
+
     /// The sampling interval.
     pub fn interval(&self) -> Duration {
         self.interval
@@ -334,6 +372,10 @@ pub struct RssMonitorStats {
     pub floor_reclaims: u64,
     /// Bytes the reclaimers reported freed.
     pub reclaimed_bytes: usize,
+    /// Engine drift alarms raised (see the [`reconcile`](crate::reconcile) module).
+    pub drift_alarms: u64,
+    /// Σ bytes charged to engines as their own untracked memory at the last tick.
+    pub engine_charged: usize,
     /// Samples that failed (the previous figure stays in force).
     pub errors: u64,
     /// The last failure, for a person on call.
@@ -342,6 +384,7 @@ pub struct RssMonitorStats {
 
 struct MonitorState {
     filter: UntrackedFilter,
+    reconciler: Reconciler,
     cooldown: u32,
 }
 
@@ -462,11 +505,30 @@ impl MemoryGovernor {
             .law
             .unwrap_or_else(|| ControlLaw::for_ceiling(self.ceiling()));
         law.validate(self.ceiling())?;
+        if let Some(engine_law) = &config.engine_law {
+            engine_law.validate()?;
+        }
+        if !(config.drift_alarm.is_finite() && config.drift_alarm > 0.0) {
+            return Err(MemError::InvalidConfig {
+                field: "rss_monitor.drift_alarm".into(),
+                reason: format!(
+                    "{} is not a positive fraction of the engine's limit",
+                    config.drift_alarm
+                ),
+            });
+        }
         // Fail now, not silently in the thread, when there is nothing to measure.
         read_resident(config.source)?;
+        let reconciler = Reconciler::start(
+            self,
+            config.reconcile_engines,
+            config.engine_law,
+            config.drift_alarm,
+        );
         let shared = Arc::new(Shared {
             state: Mutex::new(MonitorState {
                 filter: UntrackedFilter::new(law, self.ceiling()),
+                reconciler,
                 cooldown: 0,
             }),
             stats: Mutex::new(RssMonitorStats::default()),
@@ -574,8 +636,17 @@ fn tick(governor: &Arc<MemoryGovernor>, shared: &Shared) -> Result<usize, MemErr
             return Err(err);
         }
     };
-    let reserved = governor.global_reserved();
-    let published = state.filter.update(resident.bytes, reserved);
+    let reconciled = reconcile(governor, &mut state.reconciler, &shared.stats);
+    // What the books explain: tokens, and each engine's own drift charged to it.
+    let reserved = governor.global_reserved() + reconciled.charged;
+    let published = if reconciled.rise > 0 {
+        // Bytes that moved from "nobody's" to an engine's account leave the global one now.
+        state
+            .filter
+            .credit(reconciled.rise, resident.bytes, reserved)
+    } else {
+        state.filter.update(resident.bytes, reserved)
+    };
     record(&shared.stats, resident, reserved, published);
     governor.set_untracked(published);
 
@@ -618,7 +689,9 @@ fn tick(governor: &Arc<MemoryGovernor>, shared: &Shared) -> Result<usize, MemErr
             (ReclaimScope::Holders, config.shed_below_floors),
         ];
         for (scope, enabled) in stages {
-            let excess = (governor.global_reserved() + published).saturating_sub(target_used);
+            let excess =
+                (governor.global_reserved() + governor.total_engine_untracked() + published)
+                    .saturating_sub(target_used);
             if !enabled || excess == 0 || governor.global_pressure() < PressureLevel::Emergency {
                 continue;
             }
@@ -656,6 +729,26 @@ fn tick(governor: &Arc<MemoryGovernor>, shared: &Shared) -> Result<usize, MemErr
     Ok(published)
 }
 
+/// Reconciles every engine arena; a failure is counted and the charges stay as they were.
+fn reconcile(
+    governor: &MemoryGovernor,
+    reconciler: &mut Reconciler,
+    stats: &Mutex<RssMonitorStats>,
+) -> Reconciled {
+    let (reconciled, error) = reconciler.tick(governor);
+    let mut stats = stats.lock();
+    stats.drift_alarms += reconciled.alarms;
+    stats.engine_charged = reconciled.charged;
+    if let Some(err) = error {
+        if stats.errors == 0 {
+            tracing::warn!(error = %err, "RSS monitor cannot read an engine arena; its charge is frozen");
+        }
+        stats.errors += 1;
+        stats.last_error = Some(err.to_string());
+    }
+    reconciled
+}
+
 fn record(stats: &Mutex<RssMonitorStats>, resident: Figure, reserved: usize, published: usize) {
     let mut stats = stats.lock();
     stats.last_resident = Some(resident);
@@ -690,7 +783,7 @@ fn remeasure(
     resident_before: usize,
 ) -> Option<(usize, usize)> {
     let resident = read_resident(source).ok()?;
-    let reserved = governor.global_reserved();
+    let reserved = governor.global_reserved() + governor.total_engine_untracked();
     let returned = resident_before.saturating_sub(resident.bytes);
     let published = filter.credit(returned, resident.bytes, reserved);
     record(stats, resident, reserved, published);

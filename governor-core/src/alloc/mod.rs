@@ -13,6 +13,8 @@
 //!          VmRSS (all resident pages, allocator or not), VmHWM (peak)
 //!
 //!   arenas:  thread ──thread.arena──▶ arena i ──stats.arenas.i.resident──▶ bytes per arena
+//!            engine arenas: one per engine, entered through MemoryGovernor::enter_engine or
+//!                           an engine runtime (MemoryGovernor::engine_runtime_builder)
 //!            CollectionArenaRegistry: (tenant, collection) ──▶ dedicated arena ──▶ owning engine
 //!   purge:   arena.<ALL>.purge / arena.<ALL>.decay  (give dirty pages back to the OS now)
 //! ```
@@ -49,12 +51,20 @@
 //! RSS monitor falls back to the kernel's figure, which is always right.
 
 mod arenas;
+mod engine_arenas;
 mod stats;
 
 pub use arenas::{
     ArenaGuard, ArenaStats, CollectionArenaRegistry, CollectionArenaStats, CollectionKey,
     DEFAULT_MAX_COLLECTION_ARENAS, arena_count, create_arena, current_thread_arena,
     pin_thread_arena, pin_thread_arena_scoped,
+};
+#[cfg(test)]
+pub(crate) use engine_arenas::PRETEND_NOT_GLOBAL;
+pub use engine_arenas::{ArenaFigures, EngineGuard, engine_arena};
+pub(crate) use engine_arenas::{
+    NOT_GLOBAL_ALLOCATOR, advance_epoch, arenas_see_allocations, engine_arena_or_create,
+    pin_runtime_thread, read_engine_arena,
 };
 pub use stats::{
     Figure, JemallocStats, MemorySource, ProcessMemory, SystemMemoryStats,
