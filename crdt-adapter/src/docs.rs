@@ -317,6 +317,27 @@ impl std::fmt::Debug for DocStore {
     }
 }
 
+impl Drop for DocStore {
+    /// Snapshots every resident document with unlogged edits (the update buffer then
+    /// writes what it holds as it drops): closing the store must not lose edits that no
+    /// commit covered yet. Failures are logged (a destructor cannot return them); call
+    /// [`DocStore::commit`] first to handle errors yourself.
+    fn drop(&mut self) {
+        let shared = &self.shared;
+        for key in shared.cache.keys() {
+            let Some(e) = shared.cache.peek(&key) else {
+                continue;
+            };
+            let mut st = e.state.lock();
+            if st.dirty
+                && let Err(err) = snapshot_and_compact(&shared.db, &e, &mut st)
+            {
+                tracing::error!(doc = %key, error = %err, "edited document not persisted on drop");
+            }
+        }
+    }
+}
+
 fn check_id(id: &str) -> Result<(), CrdtError> {
     let bad = |reason| CrdtError::InvalidId {
         id: id.chars().take(64).collect(),

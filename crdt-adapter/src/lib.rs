@@ -56,7 +56,8 @@
 //! durability (fsynced before commit returns). [`DocStore::create`] is durable when it
 //! returns. Unacknowledged updates may already be durable (a flush at Warning pressure, a
 //! full buffer, or an eviction's snapshot writes them) but a crash may lose them.
-//! `tests/crash.rs` aborts a child process in the middle of ingest and checks this.
+//! `tests/crash.rs` kills (SIGKILL) a child process in the middle of ingest and checks
+//! this.
 //!
 //! # Reads see every update
 //!

@@ -44,8 +44,8 @@
 //! fsynced before commit returns). A document inserted but not yet acknowledged is
 //! searchable at once, and may already be durable (a flush at Warning pressure or a full
 //! buffer writes it), but a crash may lose it. A crash never leaves a half-written batch:
-//! redb commits all of a transaction or none of it. `tests/crash.rs` aborts a child process
-//! in the middle of ingest and checks this.
+//! redb commits all of a transaction or none of it. `tests/crash.rs` kills (SIGKILL) a
+//! child process in the middle of ingest and checks this.
 //!
 //! # Reads see every write
 //!
