@@ -32,7 +32,7 @@ async fn write_all(store: &DocStore, shadows: &mut HashMap<String, LoroDoc>) {
             };
             store.edit(&id, local).unwrap();
             local(&shadow);
-            if (i + round as usize) % 2 == 0 {
+            if (i + round as usize).is_multiple_of(2) {
                 let update = peer_updates(KINDS[(i + 1) % 3], 150, 1000 + seed);
                 shadow.import(&update).unwrap();
                 store.receive(&id, update).await.unwrap();
