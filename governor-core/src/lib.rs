@@ -97,6 +97,7 @@
 pub mod alloc;
 mod books;
 mod config;
+pub mod container;
 mod engine;
 mod engine_arena;
 mod error;
@@ -119,6 +120,10 @@ pub mod spill;
 pub use config::{
     DEFAULT_RECLAIM_TIMEOUT, EngineBudget, GovernorConfig, GovernorConfigBuilder, MAX_NUMA_NODES,
     MAX_SHARDS, PressureThresholds,
+};
+pub use container::{
+    CeilingSource, ContainerFollower, ContainerProbe, ContainerSample, FollowerSettings,
+    MemoryEvents, MemoryLimit, Psi,
 };
 pub use engine::{EngineId, gib, human_bytes, kib, mib};
 pub use error::{Holders, MemError};
