@@ -29,6 +29,8 @@ pub(crate) struct EngineCounters {
     pub(crate) reclaim_requests: AtomicU64,
     pub(crate) reclaimed_bytes: AtomicU64,
     pub(crate) reclaim_failures: AtomicU64,
+    /// Times a reclaimer of this engine was quarantined for unbacked claims.
+    pub(crate) reclaim_quarantines: AtomicU64,
     pub(crate) forced_bytes: AtomicU64,
     /// Bytes async `reserve` calls of this engine are waiting for right now (demand signal).
     pub(crate) waiting_bytes: AtomicUsize,
@@ -72,6 +74,9 @@ pub(crate) struct Books {
     pub(crate) global_rejections: AtomicU64,
     pub(crate) engine_pressure: [PressureSignal; EngineId::COUNT],
     pub(crate) global_pressure: PressureSignal,
+    /// The least global level the environment (the kernel's pressure stall information, OOM
+    /// events) asks for; the books' own level is raised to it, never lowered by it.
+    pub(crate) environment_pressure: std::sync::atomic::AtomicU8,
     /// Woken when memory comes back while async reservations wait.
     pub(crate) released: Notify,
     /// The governor these books belong to, for `ReservationToken::governor`.
@@ -95,6 +100,7 @@ impl Books {
             global_rejections: AtomicU64::new(0),
             engine_pressure: std::array::from_fn(|_| PressureSignal::new()),
             global_pressure: PressureSignal::new(),
+            environment_pressure: std::sync::atomic::AtomicU8::new(PressureLevel::Normal as u8),
             released: Notify::new(),
             owner,
             config,
@@ -122,6 +128,7 @@ impl Books {
         bytes: usize,
     ) -> Result<ReservationToken, MemError> {
         let row = self.configured_row(engine)?;
+        self.refuse_impossible(engine, node, bytes)?;
         self.grant_node(engine, node, bytes)?;
         match self.ledger.reserve_with_handle(row, thread_shard(), bytes) {
             Ok((moved, from_stash)) => {
@@ -140,6 +147,66 @@ impl Books {
                 Err(self.deny(engine, bytes, denial))
             }
         }
+    }
+
+    /// Refuses, without touching the ledger, a request that no release could ever make fit:
+    /// more than the engine's limit, the ceiling or the node's sub-ceiling. The ledger would
+    /// refuse it too, but only after moving counters (and, for sizes near `usize::MAX`, only
+    /// because its arithmetic is guarded); refusing here keeps the answer typed and exact and
+    /// lets `reserve` fail at once instead of waiting out its timeout.
+    pub(crate) fn refuse_impossible(
+        &self,
+        engine: EngineId,
+        node: u16,
+        bytes: usize,
+    ) -> Result<(), MemError> {
+        if self.could_ever_fit(engine, node, bytes) {
+            return Ok(());
+        }
+        let row = self.row(engine);
+        if bytes > row.limit() {
+            let granted = row.granted();
+            return Err(self.deny(
+                engine,
+                bytes,
+                Denial::Limit {
+                    granted,
+                    limit: row.limit(),
+                },
+            ));
+        }
+        if bytes > self.ceiling() {
+            return Err(self.deny(
+                engine,
+                bytes,
+                Denial::Ceiling {
+                    global: self.ledger.global(),
+                },
+            ));
+        }
+        if let Some(nodes) = self.nodes.as_ref().filter(|_| node != NO_NODE)
+            && bytes > nodes.ceiling(usize::from(node))
+        {
+            return Err(self.deny_node(
+                engine,
+                usize::from(node),
+                bytes,
+                nodes.held(usize::from(node)),
+            ));
+        }
+        Ok(())
+    }
+
+    /// True when `bytes` is within the engine's limit, the ceiling and `node`'s sub-ceiling,
+    /// so that releases could one day make room for it.
+    pub(crate) fn could_ever_fit(&self, engine: EngineId, node: u16, bytes: usize) -> bool {
+        bytes <= self.row(engine).limit()
+            && bytes <= self.ceiling()
+            && self
+                .nodes
+                .as_ref()
+                .filter(|_| node != NO_NODE)
+                .is_none_or(|nodes| bytes <= nodes.ceiling(usize::from(node)))
     }
 
     /// The node a new token's bytes count against: `node` if given, else the calling thread's;
@@ -162,20 +229,31 @@ impl Books {
             return Ok(());
         };
         let index = usize::from(node);
-        nodes.grant(index, thread_shard(), bytes).map_err(|reserved| {
-            self.counters[engine.index()]
-                .rejections
-                .fetch_add(1, Ordering::Relaxed);
-            let err = MemError::NodeCeilingExceeded {
-                engine,
-                node: index,
-                requested: bytes,
-                reserved,
-                ceiling: nodes.ceiling(index),
-            };
-            tracing::warn!(%engine, node = index, requested = bytes, reserved, ceiling = nodes.ceiling(index), error = %err, "memory reservation denied");
-            err
-        })
+        nodes
+            .grant(index, thread_shard(), bytes)
+            .map_err(|reserved| self.deny_node(engine, index, bytes, reserved))
+    }
+
+    fn deny_node(
+        &self,
+        engine: EngineId,
+        node: usize,
+        requested: usize,
+        reserved: usize,
+    ) -> MemError {
+        self.counters[engine.index()]
+            .rejections
+            .fetch_add(1, Ordering::Relaxed);
+        let ceiling = self.nodes.as_ref().map_or(usize::MAX, |n| n.ceiling(node));
+        let err = MemError::NodeCeilingExceeded {
+            engine,
+            node,
+            requested,
+            reserved,
+            ceiling,
+        };
+        tracing::warn!(%engine, node, requested, reserved, ceiling, error = %err, "memory reservation denied");
+        err
     }
 
     /// Gives back `bytes` a token held on `node`.
@@ -194,6 +272,7 @@ impl Books {
     /// Admits `bytes` more for an existing token of `engine` on `node`.
     pub(crate) fn admit(&self, engine: EngineId, node: u16, bytes: usize) -> Result<(), MemError> {
         let row = self.configured_row(engine)?;
+        self.refuse_impossible(engine, node, bytes)?;
         self.grant_node(engine, node, bytes)?;
         match self.ledger.reserve(row, thread_shard(), bytes) {
             Ok(moved) => {
@@ -209,8 +288,10 @@ impl Books {
         }
     }
 
-    /// Books memory that is already resident, unchecked (see `MemoryGovernor::charge`).
+    /// Books memory that is already resident, unchecked against the bounds (see
+    /// `MemoryGovernor::charge`). Callers keep `bytes` within [`MAX_BYTES`](crate::MAX_BYTES).
     pub(crate) fn book_resident(&self, engine: EngineId, node: u16, bytes: usize) {
+        debug_assert!(bytes <= crate::config::MAX_BYTES);
         if bytes == 0 {
             return;
         }
@@ -298,8 +379,12 @@ impl Books {
         let row = self.row(engine);
         let thresholds = self.config.thresholds;
         if self.configured[engine.index()] {
-            let level = PressureLevel::from_utilization(row.granted(), row.limit(), &thresholds);
-            if let Some(previous) = self.engine_pressure[engine.index()].publish(level) {
+            // The level is computed inside the publish, from the books as they are then (see
+            // `PressureSignal::publish_with`).
+            let current =
+                || PressureLevel::from_utilization(row.granted(), row.limit(), &thresholds);
+            if let Some(previous) = self.engine_pressure[engine.index()].publish_with(current) {
+                let level = self.engine_pressure[engine.index()].level();
                 tracing::info!(%engine, from = %previous, to = %level, granted = row.granted(), limit = row.limit(), "engine pressure changed");
             }
         }
@@ -307,12 +392,18 @@ impl Books {
     }
 
     pub(crate) fn refresh_global_pressure(&self) {
-        let level = PressureLevel::from_utilization(
-            self.ledger.global(),
-            self.ceiling(),
-            &self.config.thresholds,
-        );
-        if let Some(previous) = self.global_pressure.publish(level) {
+        let current = || {
+            let books = PressureLevel::from_utilization(
+                self.ledger.global(),
+                self.ceiling(),
+                &self.config.thresholds,
+            );
+            books.max(PressureLevel::from_u8(
+                self.environment_pressure.load(Ordering::Acquire),
+            ))
+        };
+        if let Some(previous) = self.global_pressure.publish_with(current) {
+            let level = self.global_pressure.level();
             tracing::info!(from = %previous, to = %level, global = self.ledger.global(), untracked = self.untracked(), ceiling = self.ceiling(), "global pressure changed");
         }
     }

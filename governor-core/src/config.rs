@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use crate::ceiling::CeilingPolicy;
 use crate::engine::{EngineId, human_bytes};
 use crate::error::MemError;
 
@@ -95,6 +96,9 @@ pub struct GovernorConfig {
     pub(crate) shards: usize,
     /// `(node, bytes)`, sorted by node; empty when NUMA nodes are not bounded.
     pub(crate) node_ceilings: Vec<(usize, usize)>,
+    /// What [`MemoryGovernor::set_ceiling`](crate::MemoryGovernor::set_ceiling) does when the
+    /// ceiling drops.
+    pub(crate) ceiling_policy: CeilingPolicy,
 }
 
 impl GovernorConfig {
@@ -132,6 +136,11 @@ impl GovernorConfig {
     pub fn numa_node_ceilings(&self) -> &[(usize, usize)] {
         &self.node_ceilings
     }
+
+    /// What a run-time ceiling change does (see [`CeilingPolicy`]).
+    pub fn ceiling_policy(&self) -> CeilingPolicy {
+        self.ceiling_policy
+    }
 }
 
 /// Builder for [`GovernorConfig`]; invalid settings fail at [`build`](Self::build).
@@ -143,10 +152,24 @@ pub struct GovernorConfigBuilder {
     reclaim_timeout: Option<Duration>,
     shards: Option<usize>,
     node_ceilings: Vec<(usize, usize)>,
+    ceiling_policy: Option<CeilingPolicy>,
 }
 
 /// The reclaim timeout used when none is configured.
 pub const DEFAULT_RECLAIM_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The largest ceiling, limit or single request the governor accepts: 1 EiB.
+///
+/// The ledger keeps an engine's room as a signed word and adds grants, charges and untracked
+/// memory together; bounding every configured size (and every single charge) at 2^60 leaves
+/// room for all seven engines' limits and overcommit to be added without overflow, while no
+/// real machine comes near it. A larger value is refused at `build()` instead of being accepted
+/// and then refusing every reservation.
+pub const MAX_BYTES: usize = 1 << 60;
+
+/// The longest reclaim timeout accepted: a reclaimer slower than this is indistinguishable
+/// from a hung one, and a longer bound would let one stuck call hold a whole plan.
+pub const MAX_RECLAIM_TIMEOUT: Duration = Duration::from_hours(1);
 
 /// Largest number of admission shards per engine.
 pub const MAX_SHARDS: usize = 64;
@@ -220,6 +243,14 @@ impl GovernorConfigBuilder {
         self
     }
 
+    /// What [`MemoryGovernor::set_ceiling`](crate::MemoryGovernor::set_ceiling) does when the
+    /// ceiling drops below what is held (default: drain borrowers for up to 5 s, keep floors).
+    #[must_use]
+    pub fn ceiling_policy(mut self, policy: CeilingPolicy) -> Self {
+        self.ceiling_policy = Some(policy);
+        self
+    }
+
     /// Checks every invariant and returns the configuration.
     pub fn build(self) -> Result<GovernorConfig, MemError> {
         let ceiling = self.ceiling.ok_or_else(|| {
@@ -232,6 +263,17 @@ impl GovernorConfigBuilder {
             return Err(MemError::config(
                 "global_ceiling",
                 "the ceiling is 0 bytes, so nothing could ever be reserved; set it to the process's memory allowance",
+            ));
+        }
+        if ceiling > MAX_BYTES {
+            return Err(MemError::config(
+                "global_ceiling",
+                format!(
+                    "{} is more than the governor can account for (at most {} = MAX_BYTES); \
+                     for \"no real bound\" use the machine's memory",
+                    human_bytes(ceiling),
+                    human_bytes(MAX_BYTES)
+                ),
             ));
         }
         if self.engines.is_empty() {
@@ -274,6 +316,15 @@ impl GovernorConfigBuilder {
                 "a zero timeout would abandon every reclaimer at once; use at least a few milliseconds",
             ));
         }
+        if reclaim_timeout > MAX_RECLAIM_TIMEOUT {
+            return Err(MemError::config(
+                "reclaim_timeout",
+                format!(
+                    "{reclaim_timeout:?} is longer than the maximum of {MAX_RECLAIM_TIMEOUT:?}: a reclaimer that \
+                     slow cannot be told from a hung one, and one hung call would hold the whole reclaim plan"
+                ),
+            ));
+        }
         let shards = match self.shards {
             Some(0) => {
                 return Err(MemError::config(
@@ -292,6 +343,8 @@ impl GovernorConfigBuilder {
             None => default_shards(),
         };
         let node_ceilings = validate_node_ceilings(self.node_ceilings, ceiling)?;
+        let ceiling_policy = self.ceiling_policy.unwrap_or_default();
+        ceiling_policy.validate()?;
         Ok(GovernorConfig {
             ceiling,
             engines,
@@ -299,6 +352,7 @@ impl GovernorConfigBuilder {
             reclaim_timeout,
             shards,
             node_ceilings,
+            ceiling_policy,
         })
     }
 }
@@ -369,7 +423,7 @@ pub(crate) fn validate_budget(
             ),
         ));
     }
-    if budget.limit > ceiling {
+    if budget.limit > ceiling.min(MAX_BYTES) {
         return Err(MemError::config(
             format!("engine({engine}).limit"),
             format!(

@@ -152,6 +152,15 @@ pub enum MemError {
         /// What failed.
         reason: String,
     },
+    /// A file describing the process's environment (cgroup limits, `/proc/meminfo`, pressure
+    /// stall information) could not be read or parsed.
+    #[error("cannot read the memory environment from {path}: {reason}")]
+    Environment {
+        /// The file at fault.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 impl MemError {

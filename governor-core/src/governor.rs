@@ -16,6 +16,9 @@ use crate::pressure::PressureLevel;
 use crate::reclaim::ReclaimRegistry;
 use crate::reservation::ReservationToken;
 
+/// How often a waiting `reserve` asks for reclaim again when no release woke it.
+const RECLAIM_RETRY: Duration = Duration::from_millis(20);
+
 /// The memory governor: per-engine budgets under one global ceiling.
 ///
 /// Create one per process with [`MemoryGovernor::new`] and hand the `Arc` to every engine.
@@ -33,7 +36,8 @@ pub struct MemoryGovernor {
     pub(crate) reclaimers: ReclaimRegistry,
     pub(crate) consumer_stats: StatsRegistry,
     pub(crate) runtime: OnceLock<tokio::runtime::Runtime>,
-    config_changes: parking_lot::Mutex<()>,
+    /// Serialises run-time changes of limits, floors and the ceiling.
+    pub(crate) config_changes: parking_lot::Mutex<()>,
     /// Per-engine allocator figures from the RSS monitor's reconciliation (`reconcile` module).
     pub(crate) allocation: crate::reconcile::AllocationBook,
 }
@@ -138,14 +142,19 @@ impl MemoryGovernor {
         timeout: Duration,
     ) -> Result<ReservationToken, MemError> {
         let started = Instant::now();
-        let deadline = started + timeout;
+        // `None`: no deadline (a timeout too large to add to the clock, e.g. `Duration::MAX`).
+        let deadline = started.checked_add(timeout);
         let first = match self.try_reserve(engine, bytes) {
             Ok(token) => return Ok(token),
             Err(err) if err.is_denial() => err,
             Err(err) => return Err(err),
         };
-        if bytes > self.limit(engine) || bytes > self.ceiling() {
-            // No amount of waiting can satisfy it.
+        if !self
+            .books
+            .could_ever_fit(engine, self.books.node_for(None), bytes)
+        {
+            // No amount of waiting can satisfy it: above the limit, the ceiling or the node's
+            // sub-ceiling.
             return Err(first);
         }
         let _waiter = WaiterGuard::new(self, engine, bytes);
@@ -164,7 +173,7 @@ impl MemoryGovernor {
                 self.request_reclaim_for_waiter(engine, bytes, &last);
             }
             let now = Instant::now();
-            if now >= deadline {
+            if deadline.is_some_and(|d| now >= d) {
                 tracing::warn!(%engine, requested = bytes, waited_ms = timeout.as_millis() as u64, cause = %last, "reservation timed out");
                 return Err(MemError::Timeout {
                     engine,
@@ -174,7 +183,7 @@ impl MemoryGovernor {
             }
             // The sleep is a backstop: a release wakes us through `released`, and a reclaim in
             // flight may free memory in several steps.
-            let nap = (deadline - now).min(Duration::from_millis(20));
+            let nap = deadline.map_or(RECLAIM_RETRY, |d| (d - now).min(RECLAIM_RETRY));
             tokio::select! {
                 () = &mut notified => {}
                 () = tokio::time::sleep(nap) => {
@@ -210,10 +219,43 @@ impl MemoryGovernor {
     }
 
     /// Books `bytes` of memory that is already resident (loaded at start-up, WAL replay).
-    /// Never fails: the bytes exist whether the books like it or not. If they push the engine
-    /// past its limit or the process past its ceiling, the excess shows as overcommit, pressure
-    /// rises, and every new admission is denied until it is paid back.
+    /// Never refused for lack of room: the bytes exist whether the books like it or not. If
+    /// they push the engine past its limit or the process past its ceiling, the excess shows
+    /// as overcommit, pressure rises, and every new admission is denied until it is paid back.
+    ///
+    /// A size beyond [`MAX_BYTES`](crate::MAX_BYTES) cannot be real memory (it comes from a
+    /// bad computation or a damaged file); it is booked as `MAX_BYTES`, logged as an error, and
+    /// the token's [`size`](ReservationToken::size) says what was booked. Use
+    /// [`try_charge`](Self::try_charge) to get an error instead.
     pub fn charge(self: &Arc<Self>, engine: EngineId, bytes: usize) -> ReservationToken {
+        let booked = bytes.min(crate::MAX_BYTES);
+        if booked < bytes {
+            tracing::error!(%engine, bytes, booked, "charge beyond MAX_BYTES clamped; the size cannot be real memory");
+        }
+        self.book(engine, booked)
+    }
+
+    /// As [`charge`](Self::charge), but a size beyond [`MAX_BYTES`](crate::MAX_BYTES) is
+    /// refused with [`MemError::InvalidConfig`] and nothing is booked.
+    pub fn try_charge(
+        self: &Arc<Self>,
+        engine: EngineId,
+        bytes: usize,
+    ) -> Result<ReservationToken, MemError> {
+        if bytes > crate::MAX_BYTES {
+            return Err(MemError::config(
+                "charge",
+                format!(
+                    "{} cannot be resident memory: the governor accounts for at most {} (MAX_BYTES)",
+                    human_bytes(bytes),
+                    human_bytes(crate::MAX_BYTES)
+                ),
+            ));
+        }
+        Ok(self.book(engine, bytes))
+    }
+
+    fn book(self: &Arc<Self>, engine: EngineId, bytes: usize) -> ReservationToken {
         let node = self.books.node_for(None);
         self.books.book_resident(engine, node, bytes);
         ReservationToken::new(self.books.handle_for(engine), engine, node, bytes)
@@ -303,6 +345,28 @@ impl MemoryGovernor {
         self.books.global_pressure.level()
     }
 
+    /// Raises the global pressure level to at least `level` for reasons outside the books:
+    /// the kernel reports memory pressure (PSI) or OOM events although the reservations look
+    /// fine. The books' own level still applies when it is higher; `PressureLevel::Normal`
+    /// withdraws the request. The container watch calls this; callers with their own signal
+    /// may too.
+    pub fn set_environment_pressure(&self, level: PressureLevel) {
+        let before = self
+            .books
+            .environment_pressure
+            .swap(level as u8, Ordering::AcqRel);
+        if before != level as u8 {
+            tracing::info!(%level, "environment pressure changed");
+            self.books.refresh_global_pressure();
+        }
+    }
+
+    /// The least global level the environment currently asks for (see
+    /// [`set_environment_pressure`](Self::set_environment_pressure)).
+    pub fn environment_pressure(&self) -> PressureLevel {
+        PressureLevel::from_u8(self.books.environment_pressure.load(Ordering::Acquire))
+    }
+
     /// A receiver that sees every change of `engine`'s pressure level.
     pub fn subscribe_pressure(&self, engine: EngineId) -> watch::Receiver<PressureLevel> {
         self.books.engine_pressure[engine.index()].subscribe()
@@ -345,22 +409,27 @@ impl MemoryGovernor {
     pub fn set_floor(&self, engine: EngineId, bytes: usize) -> Result<(), MemError> {
         let row = self.configured_row(engine)?;
         let _serial = self.config_changes.lock();
+        // Only the floor is checked here: after a ceiling drop a limit may no longer fit under
+        // the ceiling (reported by `set_ceiling`), which must not block floor changes.
         validate_budget(
             engine,
             EngineBudget::new(row.limit()).with_floor(bytes),
-            self.ceiling(),
+            self.ceiling().max(row.limit()),
         )?;
+        // Each floor is at most its limit, at most `MAX_BYTES`, so the sum cannot overflow; the
+        // last addition is checked because `bytes` comes from the caller.
         let others: usize = EngineId::ALL
             .iter()
             .filter(|&&e| e != engine)
             .map(|&e| self.floor(e))
             .sum();
-        if others + bytes > self.ceiling() {
+        let total = others.saturating_add(bytes);
+        if total > self.ceiling() {
             return Err(MemError::config(
                 format!("engine({engine}).floor"),
                 format!(
                     "with this floor all floors would add up to {}, above the ceiling {}",
-                    human_bytes(others + bytes),
+                    human_bytes(total),
                     human_bytes(self.ceiling())
                 ),
             ));

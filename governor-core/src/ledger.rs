@@ -256,7 +256,8 @@ impl EngineLedger {
 /// The whole ledger: the ceiling, the global counter and one row per configured engine.
 #[derive(Debug)]
 pub(crate) struct Ledger {
-    ceiling: usize,
+    /// The global ceiling; changed at run time by [`set_ceiling`](Self::set_ceiling).
+    ceiling: AtomicUsize,
     global: CachePadded<AtomicUsize>,
     global_peak: AtomicUsize,
     untracked: AtomicUsize,
@@ -303,7 +304,7 @@ impl Ledger {
             })
             .collect();
         Self {
-            ceiling,
+            ceiling: AtomicUsize::new(ceiling),
             global: CachePadded(AtomicUsize::new(0)),
             global_peak: AtomicUsize::new(0),
             untracked: AtomicUsize::new(0),
@@ -313,7 +314,26 @@ impl Ledger {
     }
 
     pub(crate) fn ceiling(&self) -> usize {
-        self.ceiling
+        self.ceiling.load(Ordering::Acquire)
+    }
+
+    /// Replaces the global ceiling and returns the previous one.
+    ///
+    /// Every grant checks the ceiling inside its compare-and-swap, so from the store on no
+    /// grant passes the new ceiling: `global ≤ ceiling` holds for every grant made under the
+    /// ceiling in force when it was made. Lowering below what is granted does not take anything
+    /// back (holders give memory back through reclaim); it makes the ledger *overcommitted*,
+    /// so every grant is refused and releases keep no credit until `global` is under the new
+    /// ceiling. Idle credit is drained here so that bytes granted ahead under the old ceiling
+    /// stop serving new tokens; a refill racing this call re-checks the ceiling after it
+    /// lands (see `reserve_slow`), so no credit survives an overcommit. Callers serialise
+    /// ceiling changes.
+    pub(crate) fn set_ceiling(&self, ceiling: usize) -> usize {
+        let before = self.ceiling.swap(ceiling, Ordering::AcqRel);
+        if ceiling < before {
+            self.drain_all();
+        }
+        before
     }
 
     /// The row of engine slot `slot`.
@@ -336,7 +356,14 @@ impl Ledger {
 
     /// Raises both counters if both bounds allow; the one step that admits memory.
     fn grant(&self, e: &EngineLedger, bytes: usize) -> Result<(), Denial> {
-        let signed = bytes as isize;
+        // A request that does not fit a signed word can never fit a limit; converting it with
+        // `as` would turn it negative and make the CAS below *add* room.
+        let Ok(signed) = isize::try_from(bytes) else {
+            return Err(Denial::Limit {
+                granted: e.granted(),
+                limit: e.limit(),
+            });
+        };
         let room_before = e
             .room
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
@@ -349,11 +376,11 @@ impl Ledger {
                     limit,
                 }
             })?;
-        let ceiling = self.ceiling;
+        // The ceiling is read inside the CAS loop: a grant that lands after a lowering sees it.
         match self
             .global
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |g| {
-                g.checked_add(bytes).filter(|&n| n <= ceiling)
+                g.checked_add(bytes).filter(|&n| n <= self.ceiling())
             }) {
             Ok(global_before) => {
                 let granted_after = (e.limit() as isize - room_before + signed).max(0) as usize;
@@ -461,6 +488,12 @@ impl Ledger {
             && self.grant(e, with_refill).is_ok()
         {
             word.fetch_add(e.quantum, Ordering::AcqRel);
+            // A ceiling lowered (or untracked memory raised) between our grant and this refill
+            // drained the shards before our credit landed: take it back ourselves, so that no
+            // credit serves new tokens while the ledger is overcommitted.
+            if self.is_strict(e) {
+                self.drain_shard(e, word);
+            }
             return Ok(());
         }
         // Before saying no, take back the slack: the engine's own credit for a limit denial,
@@ -489,15 +522,17 @@ impl Ledger {
         }
     }
 
-    /// Books `bytes` that are already resident, without checking any bound.
+    /// Books `bytes` that are already resident, without checking any bound. The caller keeps
+    /// `bytes` within [`MAX_BYTES`](crate::MAX_BYTES) so that the signed room cannot overflow.
     pub(crate) fn charge(&self, e: &EngineLedger, bytes: usize) {
+        debug_assert!(bytes <= crate::config::MAX_BYTES);
         let room_before = e.room.fetch_sub(bytes as isize, Ordering::AcqRel);
         let global_before = self.global.fetch_add(bytes, Ordering::AcqRel);
         let granted_after = (e.limit() as isize - room_before + bytes as isize).max(0) as usize;
         e.peak.fetch_max(granted_after, Ordering::AcqRel);
         self.global_peak
             .fetch_max(global_before + bytes, Ordering::AcqRel);
-        if granted_after > e.limit() || global_before + bytes > self.ceiling {
+        if granted_after > e.limit() || global_before + bytes > self.ceiling() {
             // Overcommitted: idle credit must not admit anything more until it is paid back.
             self.drain_all();
         }
@@ -535,7 +570,7 @@ impl Ledger {
     fn is_strict(&self, e: &EngineLedger) -> bool {
         self.waiters.load(Ordering::Acquire) > 0
             || e.room.load(Ordering::Acquire) < 0
-            || self.global.load(Ordering::Acquire) > self.ceiling
+            || self.global.load(Ordering::Acquire) > self.ceiling()
     }
 
     /// Works out a release of `bytes` through `shard` (and, for a token being dropped, of its
@@ -607,6 +642,8 @@ impl Ledger {
     /// Sets the untracked-memory charge (the RSS monitor's view of memory outside reservations).
     /// Like `charge`, this is a fact and is not bounded by the ceiling.
     pub(crate) fn set_untracked(&self, bytes: usize) {
+        // A measurement, clamped so that adding it to the grants cannot overflow.
+        let bytes = bytes.min(crate::config::MAX_BYTES);
         let before = self.untracked.swap(bytes, Ordering::AcqRel);
         // Credit granted before the room shrank must not admit past the new room.
         self.drain_all();
@@ -626,7 +663,7 @@ impl Ledger {
     /// refused until it comes down), while other engines' rooms under their limits stay as
     /// they were. Clamped to the ceiling: more than that cannot be refused any harder.
     pub(crate) fn set_engine_untracked(&self, e: &EngineLedger, bytes: usize) {
-        let bytes = bytes.min(self.ceiling);
+        let bytes = bytes.min(self.ceiling());
         let before = e.untracked.swap(bytes, Ordering::AcqRel);
         if bytes >= before {
             let rise = bytes - before;
@@ -1144,6 +1181,45 @@ mod loom_model {
             assert_eq!(nodes.held(0), 0);
             nodes.rows[0].drain();
             assert_eq!(nodes.granted(0), 0);
+        });
+    }
+
+    /// A ceiling lowered while one thread admits (taking credit ahead) and another releases:
+    /// every grant respects the ceiling it saw, and once the change is done and the ledger is
+    /// overcommitted, no idle credit is left that could serve a new token past the ceiling.
+    #[test]
+    fn loom_set_ceiling_races_admission_and_release() {
+        const LOWERED: usize = 4;
+        let mut builder = loom::model::Builder::new();
+        builder.preemption_bound = Some(3);
+        builder.check(|| {
+            let ledger = Arc::new(Ledger::with_quantum(CEILING, &[(LIMIT, 0)], 2, |_| 1));
+            assert_eq!(ledger.reserve(ledger.engine(0), 1, 2), Ok(true));
+            let l = Arc::clone(&ledger);
+            let admit = thread::spawn(move || {
+                let e = l.engine(0);
+                let a = usize::from(l.reserve(e, 0, 3).is_ok()) * 3;
+                let b = usize::from(l.reserve(e, 0, 1).is_ok());
+                check(&l);
+                a + b
+            });
+            let l = Arc::clone(&ledger);
+            let release = thread::spawn(move || l.release(l.engine(0), 1, 2));
+            assert_eq!(ledger.set_ceiling(LOWERED), CEILING);
+            let held = admit.join().unwrap();
+            release.join().unwrap();
+            check(&ledger);
+            let e = ledger.engine(0);
+            let credit: usize = (0..2)
+                .map(|s| credit_of(e.shard_word(s).load(Ordering::Acquire)))
+                .sum();
+            if ledger.global() > LOWERED {
+                assert_eq!(
+                    credit, 0,
+                    "idle credit survived an overcommit (held {held})"
+                );
+            }
+            assert!(held <= CEILING);
         });
     }
 

@@ -36,7 +36,11 @@
 //! shard word, in the same CAS that moves its bytes (the `handle` and `ledger` modules), so
 //! `try_reserve` + drop is two atomic operations on a line no other thread writes. Memory that already
 //! exists (loaded at start-up, replayed from the WAL) is booked with
-//! [`MemoryGovernor::charge`], which never fails and shows any excess as overcommit.
+//! [`MemoryGovernor::charge`], which is never refused for lack of room and shows any excess as
+//! overcommit. Every size is bounded by [`MAX_BYTES`] (1 EiB): a configuration or request
+//! beyond it is refused with a typed error instead of overflowing the ledger's arithmetic, and
+//! a request larger than its engine's limit, the ceiling or its node's sub-ceiling is refused
+//! at once, without touching the ledger and without waiting.
 //!
 //! ## Lending and reclaim
 //!
@@ -46,9 +50,13 @@
 //! governor asks the borrowers, largest borrowing first, to give memory back through the
 //! [`Reclaimer`] they registered (a DataFusion sort spills, a memtable flushes, the HNSW cache
 //! evicts cold segments). Synchronous callers are refused at once so they can spill;
-//! [`MemoryGovernor::reserve`] callers wait, bounded by a timeout, while the reclaim runs. A
-//! reclaimer that errors, panics or hangs is reported and skipped; it cannot wedge the
-//! governor. The `rebalance` module states the policy and runs it on a timer.
+//! [`MemoryGovernor::reserve`] callers wait, bounded by a timeout, while the reclaim runs. Reclaimers
+//! are treated as hostile: each call runs on a thread of its own and is abandoned at the
+//! reclaim timeout, so one that errors, panics, blocks its thread or never returns is reported
+//! and skipped and cannot wedge the governor; a step is credited with what the books show came
+//! back, not what the reclaimer claims, and a reclaimer whose claims the books keep refuting is
+//! quarantined (the `reclaim` module). The `rebalance` module states the policy and runs it on a
+//! timer.
 //!
 //! ## Pressure
 //!
@@ -96,6 +104,7 @@
 
 pub mod alloc;
 mod books;
+pub mod ceiling;
 mod config;
 pub mod container;
 mod engine;
@@ -117,9 +126,10 @@ mod reservation;
 pub mod rss_monitor;
 pub mod spill;
 
+pub use ceiling::{CeilingChange, CeilingMisfit, CeilingPolicy, DrainOutcome};
 pub use config::{
-    DEFAULT_RECLAIM_TIMEOUT, EngineBudget, GovernorConfig, GovernorConfigBuilder, MAX_NUMA_NODES,
-    MAX_SHARDS, PressureThresholds,
+    DEFAULT_RECLAIM_TIMEOUT, EngineBudget, GovernorConfig, GovernorConfigBuilder, MAX_BYTES,
+    MAX_NUMA_NODES, MAX_RECLAIM_TIMEOUT, MAX_SHARDS, PressureThresholds,
 };
 pub use container::{
     CeilingSource, ContainerFollower, ContainerProbe, ContainerSample, FollowerSettings,
@@ -134,7 +144,7 @@ pub use metrics::{
 };
 pub use node::{set_thread_numa_node, thread_numa_node};
 pub use pressure::PressureLevel;
-pub use rebalance::{RebalancePolicy, RebalanceReport, RebalancerHandle};
+pub use rebalance::{MAX_REBALANCE_INTERVAL, RebalancePolicy, RebalanceReport, RebalancerHandle};
 pub use reclaim::{
     ReclaimError, ReclaimOutcome, ReclaimScope, ReclaimStep, Reclaimer, ReclaimerHandle,
 };

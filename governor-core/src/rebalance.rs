@@ -24,6 +24,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use crate::engine::EngineId;
+use crate::error::MemError;
 use crate::governor::MemoryGovernor;
 use crate::pressure::PressureLevel;
 use crate::reclaim::{ReclaimOutcome, ReclaimScope};
@@ -43,6 +44,38 @@ impl Default for RebalancePolicy {
             interval: Duration::from_millis(100),
             max_step: None,
         }
+    }
+}
+
+/// The longest rebalancing interval accepted.
+pub const MAX_REBALANCE_INTERVAL: Duration = Duration::from_hours(1);
+
+impl RebalancePolicy {
+    /// Checks the policy; `start_rebalancer` calls it.
+    pub fn validate(&self) -> Result<(), MemError> {
+        if self.interval.is_zero() {
+            return Err(MemError::config(
+                "RebalancePolicy.interval",
+                "a zero interval would tick continuously; use at least a few milliseconds (default 100 ms)",
+            ));
+        }
+        if self.interval > MAX_REBALANCE_INTERVAL {
+            return Err(MemError::config(
+                "RebalancePolicy.interval",
+                format!(
+                    "{:?} is longer than the maximum of {MAX_REBALANCE_INTERVAL:?}: floor debts would go unpaid \
+                     that long; drop the handle instead to stop rebalancing",
+                    self.interval
+                ),
+            ));
+        }
+        if self.max_step == Some(0) {
+            return Err(MemError::config(
+                "RebalancePolicy.max_step",
+                "a zero step would never ask anyone for memory; use None for 1/8 of the ceiling",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -117,7 +150,16 @@ impl MemoryGovernor {
     }
 
     /// Starts the background rebalancer on the governor's own runtime.
-    pub fn start_rebalancer(self: &Arc<Self>, policy: RebalancePolicy) -> RebalancerHandle {
+    ///
+    /// Fails with [`MemError::InvalidConfig`] for a zero interval (a timer that fires
+    /// continuously; the task would otherwise die on the governor's runtime where nobody sees
+    /// it), for one above [`MAX_REBALANCE_INTERVAL`], and for a zero `max_step` (a rebalancer that
+    /// may never ask for anything).
+    pub fn start_rebalancer(
+        self: &Arc<Self>,
+        policy: RebalancePolicy,
+    ) -> Result<RebalancerHandle, MemError> {
+        policy.validate()?;
         let weak: Weak<MemoryGovernor> = Arc::downgrade(self);
         let task = self.runtime().spawn(async move {
             let mut ticks = tokio::time::interval(policy.interval);
@@ -133,6 +175,6 @@ impl MemoryGovernor {
                 }
             }
         });
-        RebalancerHandle { task }
+        Ok(RebalancerHandle { task })
     }
 }

@@ -3,13 +3,41 @@
 //! Engines register a [`Reclaimer`]. When memory is needed back (an engine below its floor was
 //! denied, the RSS monitor saw an emergency, the rebalancer found the process too full), the
 //! governor builds a *plan*: the borrowers (engines above their floor), largest borrowing first,
-//! each asked for at most what it borrowed. Every call runs as its own task on the governor's
-//! reclaim runtime, bounded by the configured timeout, so a reclaimer that errors, panics or
-//! never returns is reported (metric + event) and skipped; it cannot wedge the governor or the
-//! caller, and it cannot corrupt the books, because reclaimers free memory only by dropping or
-//! shrinking their own tokens.
+//! each asked for at most what it borrowed.
+//!
+//! # Hostile reclaimers
+//!
+//! A reclaimer is user code, and the governor assumes it may error, panic, block its thread,
+//! never return, or lie about what it freed:
+//!
+//! * **Each call runs on a thread of its own** (`governor-reclaim-call`, entering the
+//!   governor's runtime so that timers and `tokio::spawn` work inside it), and the plan waits
+//!   for its answer at most the configured reclaim timeout. A `tokio::time::timeout` alone
+//!   cannot bound a future that blocks the thread polling it: with calls on the runtime's own
+//!   workers, a few thread-blocking reclaimers starved the workers that drive the timer and
+//!   `reclaim` never returned. Now a blocked call costs one parked thread and that one call;
+//!   the plan abandons it at the deadline and moves on. The reclaimer is marked busy until its
+//!   call really returns and is skipped meanwhile, so a hung reclaimer holds at most one
+//!   thread however often it is asked.
+//! * **Only what the books show is credited.** The engine's reserved bytes are read before and
+//!   after each call; the step is credited with what came back (`freed`), whatever the
+//!   reclaimer claims (`claimed`). A claim the books do not back leaves the plan's remainder
+//!   unchanged, so the next borrower is asked; the `reclaimed_bytes` metric counts credited
+//!   bytes only.
+//! * **Liars are quarantined.** A reclaimer whose claims exceed twice what the books show
+//!   [`UNBACKED_STREAK`] calls in a row is skipped for [`QUARANTINE`] (reported as a failure,
+//!   like a hung one), then asked again on probation. Concurrent allocations of the same engine
+//!   can make an honest claim look unbacked once; needing a streak keeps that from
+//!   quarantining honest reclaimers on a busy engine, and a false quarantine only means the
+//!   plan asks the next borrower first.
+//!
+//! What a reclaimer that never returns costs: one OS thread parked for as long as it blocks,
+//! the memory it holds (the governor never takes memory from a live token), and a failed step
+//! in every plan that reaches it meanwhile. It cannot wedge the plan, the caller, the
+//! rebalancer or other reclaimers, and it cannot corrupt the books, because reclaimers free
+//! memory only by dropping or shrinking their own tokens.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -76,9 +104,12 @@ pub struct ReclaimStep {
     pub engine: EngineId,
     /// Bytes asked for.
     pub asked: usize,
-    /// Bytes it reported freed, or why it failed.
+    /// Bytes the engine's books show came back during the call (what the step is credited
+    /// with), or why the call failed.
     pub result: Result<usize, MemError>,
-    /// How long the call took.
+    /// Bytes the reclaimer said it freed (0 when it failed).
+    pub claimed: usize,
+    /// How long the call took (until the plan stopped waiting for it).
     pub elapsed: Duration,
 }
 
@@ -87,7 +118,7 @@ pub struct ReclaimStep {
 pub struct ReclaimOutcome {
     /// Bytes asked for in total.
     pub requested: usize,
-    /// Bytes the reclaimers reported freed.
+    /// Bytes the books show came back over all steps (not what reclaimers claimed).
     pub freed: usize,
     /// Each reclaimer call, in order.
     pub steps: Vec<ReclaimStep>,
@@ -95,12 +126,59 @@ pub struct ReclaimOutcome {
     pub abandoned: bool,
 }
 
+/// Unbacked claims in a row after which a reclaimer is quarantined.
+pub const UNBACKED_STREAK: u32 = 3;
+
+/// How long a quarantined reclaimer is skipped before it is asked again on probation.
+pub const QUARANTINE: Duration = Duration::from_secs(10);
+
+/// What the governor has learnt about one registered reclaimer.
+#[derive(Debug, Default)]
+struct Health {
+    /// Set while a call is in flight; a reclaimer that hung is skipped until it returns.
+    busy: AtomicBool,
+    /// Consecutive calls whose claim the books did not back.
+    unbacked: AtomicU32,
+    /// Until when the reclaimer is skipped for lying.
+    quarantined_until: Mutex<Option<Instant>>,
+}
+
+impl Health {
+    /// Records one answered call; returns true when it put the reclaimer in quarantine.
+    fn record(&self, claimed: usize, freed: usize) -> bool {
+        if claimed > freed.saturating_mul(2) {
+            let streak = self.unbacked.fetch_add(1, Ordering::AcqRel) + 1;
+            if streak >= UNBACKED_STREAK {
+                self.unbacked.store(0, Ordering::Release);
+                *self.quarantined_until.lock() = Instant::now().checked_add(QUARANTINE);
+                return true;
+            }
+        } else {
+            self.unbacked.store(0, Ordering::Release);
+        }
+        false
+    }
+
+    /// True while the reclaimer is in quarantine.
+    fn quarantined(&self) -> bool {
+        let mut until = self.quarantined_until.lock();
+        match *until {
+            Some(end) if Instant::now() < end => true,
+            Some(_) => {
+                // Probation: asked again; the next unbacked streak quarantines it again.
+                *until = None;
+                false
+            }
+            None => false,
+        }
+    }
+}
+
 struct Entry {
     id: u64,
     engine: EngineId,
     reclaimer: Arc<dyn Reclaimer>,
-    /// Set while a call is in flight; a reclaimer that hung is skipped until it returns.
-    busy: Arc<AtomicBool>,
+    health: Arc<Health>,
 }
 
 /// The registered reclaimers.
@@ -111,12 +189,12 @@ pub(crate) struct ReclaimRegistry {
 }
 
 impl ReclaimRegistry {
-    fn for_engine(&self, engine: EngineId) -> Vec<(Arc<dyn Reclaimer>, Arc<AtomicBool>)> {
+    fn for_engine(&self, engine: EngineId) -> Vec<(Arc<dyn Reclaimer>, Arc<Health>)> {
         self.entries
             .lock()
             .iter()
             .filter(|e| e.engine == engine)
-            .map(|e| (Arc::clone(&e.reclaimer), Arc::clone(&e.busy)))
+            .map(|e| (Arc::clone(&e.reclaimer), Arc::clone(&e.health)))
             .collect()
     }
 
@@ -179,7 +257,7 @@ impl MemoryGovernor {
             id,
             engine,
             reclaimer,
-            busy: Arc::new(AtomicBool::new(false)),
+            health: Arc::default(),
         });
         ReclaimerHandle {
             governor: Arc::downgrade(self),
@@ -272,16 +350,18 @@ impl MemoryGovernor {
         });
     }
 
-    /// The engines to ask and how much, largest borrowing first.
-    pub(crate) fn plan(&self, scope: ReclaimScope, bytes: usize) -> Vec<(EngineId, usize)> {
+    /// The engines that may be asked and the most each may be asked for (what it borrowed, or
+    /// for [`ReclaimScope::Holders`] everything it holds), largest first. Every candidate is
+    /// listed, not just enough to cover the request on paper: a reclaimer may free less than
+    /// it is asked (or lie about it), and then the plan moves on to the next one.
+    pub(crate) fn plan(&self, scope: ReclaimScope) -> Vec<(EngineId, usize)> {
         if let ReclaimScope::Engine(engine) = scope {
             return if self.reclaimers.has(engine) {
-                vec![(engine, bytes)]
+                vec![(engine, usize::MAX)]
             } else {
                 vec![]
             };
         }
-        // What each engine may be asked for: what it borrowed, or everything it holds.
         let share = |e: EngineId| {
             if scope == ReclaimScope::Holders {
                 self.reserved(e)
@@ -297,21 +377,11 @@ impl MemoryGovernor {
             .filter(|&(_, bytes)| bytes > 0)
             .collect();
         borrowers.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-        let mut remaining = bytes;
-        let mut plan = Vec::new();
-        for (engine, borrowed) in borrowers {
-            if remaining == 0 {
-                break;
-            }
-            let ask = borrowed.min(remaining);
-            plan.push((engine, ask));
-            remaining -= ask;
-        }
-        plan
+        borrowers
     }
 
     async fn run_plan(self: &Arc<Self>, scope: ReclaimScope, bytes: usize) -> ReclaimOutcome {
-        let plan = self.plan(scope, bytes);
+        let plan = self.plan(scope);
         let timeout = self.config().reclaim_timeout();
         let mut outcome = ReclaimOutcome {
             requested: bytes,
@@ -324,20 +394,28 @@ impl MemoryGovernor {
                 "reclaim requested but nobody can give memory back"
             );
         }
-        for (engine, ask) in plan {
-            let mut remaining = ask;
-            for (reclaimer, busy) in self.reclaimers.for_engine(engine) {
-                if remaining == 0 {
+        // What is still to be found, credited only with what the books show came back.
+        let mut remaining = bytes;
+        for (engine, share) in plan {
+            // Each engine gives at most its share, counted across its reclaimers.
+            let mut share = share;
+            for (reclaimer, health) in self.reclaimers.for_engine(engine) {
+                let ask = share.min(remaining);
+                if ask == 0 {
                     break;
                 }
                 let step = self
-                    .call_reclaimer(engine, reclaimer, busy, remaining, timeout)
+                    .call_reclaimer(engine, reclaimer, health, ask, timeout)
                     .await;
                 if let Ok(freed) = step.result {
                     remaining = remaining.saturating_sub(freed);
-                    outcome.freed += freed;
+                    share = share.saturating_sub(freed);
+                    outcome.freed = outcome.freed.saturating_add(freed);
                 }
                 outcome.steps.push(step);
+            }
+            if remaining == 0 {
+                break;
             }
         }
         if outcome.freed > 0 {
@@ -355,7 +433,7 @@ impl MemoryGovernor {
         self: &Arc<Self>,
         engine: EngineId,
         reclaimer: Arc<dyn Reclaimer>,
-        busy: Arc<AtomicBool>,
+        health: Arc<Health>,
         target: usize,
         timeout: Duration,
     ) -> ReclaimStep {
@@ -367,46 +445,97 @@ impl MemoryGovernor {
             tracing::warn!(%engine, target, %reason, "reclaimer failed; skipped");
             Err(MemError::ReclaimFailed { engine, reason })
         };
-        if busy.swap(true, Ordering::AcqRel) {
-            return ReclaimStep {
-                engine,
-                asked: target,
-                result: fail("its previous reclaim has not returned yet (hung?)".into()),
-                elapsed: Duration::ZERO,
-            };
+        let skipped = |result| ReclaimStep {
+            engine,
+            asked: target,
+            result,
+            claimed: 0,
+            elapsed: Duration::ZERO,
+        };
+        if health.quarantined() {
+            return skipped(fail(
+                "quarantined: its recent claims were not backed by the books".into(),
+            ));
+        }
+        if health.busy.swap(true, Ordering::AcqRel) {
+            return skipped(fail(
+                "its previous reclaim has not returned yet (hung?)".into(),
+            ));
         }
         tracing::info!(%engine, target, "asking engine to give memory back");
-        // Its own task: a reclaimer that never yields pins one worker, not this orchestrator.
-        let call = tokio::spawn(async move {
-            let _clear = ClearOnDrop(busy);
-            reclaimer.reclaim(target).await
-        });
-        let result = match tokio::time::timeout(timeout, call).await {
-            Ok(Ok(Ok(freed))) => {
+        let before = self.reserved(engine);
+        let answer = match self.spawn_call(reclaimer, &health, target) {
+            Ok(answer) => answer,
+            Err(reason) => return skipped(fail(reason)),
+        };
+        let mut claimed = 0;
+        let result = match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(Ok(Ok(said)))) => {
+                claimed = said;
+                // The books, not the claim: what the engine holds less than before the call.
+                let freed = before.saturating_sub(self.reserved(engine));
                 counters
                     .reclaimed_bytes
                     .fetch_add(freed as u64, Ordering::Relaxed);
+                if health.record(claimed, freed) {
+                    counters.reclaim_quarantines.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%engine, claimed, freed, quarantine = ?QUARANTINE, "reclaimer quarantined: its claims are not backed by the books");
+                } else if claimed > freed {
+                    tracing::debug!(%engine, claimed, freed, "reclaimer claimed more than the books show came back");
+                }
                 Ok(freed)
             }
-            Ok(Ok(Err(err))) => fail(err.to_string()),
-            Ok(Err(join)) if join.is_panic() => fail("the reclaimer panicked".into()),
-            Ok(Err(join)) => fail(format!("the reclaim task was cancelled: {join}")),
-            Err(_) => fail(format!("no answer within {timeout:?}")),
+            Ok(Ok(Ok(Err(err)))) => fail(err.to_string()),
+            Ok(Ok(Err(()))) => fail("the reclaimer panicked".into()),
+            Ok(Err(_)) => fail("the reclaimer's thread ended without an answer".into()),
+            Err(_) => fail(format!(
+                "no answer within {timeout:?}; abandoned (its thread is left to finish)"
+            )),
         };
         ReclaimStep {
             engine,
             asked: target,
             result,
+            claimed,
             elapsed: started.elapsed(),
         }
     }
+
+    /// Runs one reclaimer call on a thread of its own (see the module doc) and returns where
+    /// its answer arrives: `Err(())` inside when it panicked. Clears `busy` when the call
+    /// really ends, however long that takes.
+    fn spawn_call(
+        &self,
+        reclaimer: Arc<dyn Reclaimer>,
+        health: &Arc<Health>,
+        target: usize,
+    ) -> Result<ReclaimAnswer, String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let runtime = self.runtime().handle().clone();
+        let clear = ClearOnDrop(Arc::clone(health));
+        std::thread::Builder::new()
+            .name("governor-reclaim-call".into())
+            .spawn(move || {
+                let _clear = clear;
+                let call =
+                    std::panic::AssertUnwindSafe(|| runtime.block_on(reclaimer.reclaim(target)));
+                let answer = std::panic::catch_unwind(call).map_err(|_| ());
+                // The plan may have stopped waiting; then nobody needs the answer.
+                let _ = tx.send(answer);
+            })
+            .map_err(|err| format!("cannot start a thread for the call: {err}"))?;
+        Ok(rx)
+    }
 }
 
+/// Where one reclaimer call's answer arrives.
+type ReclaimAnswer = tokio::sync::oneshot::Receiver<Result<Result<usize, ReclaimError>, ()>>;
+
 /// Clears a reclaimer's busy flag when its call ends, by return or by panic.
-struct ClearOnDrop(Arc<AtomicBool>);
+struct ClearOnDrop(Arc<Health>);
 
 impl Drop for ClearOnDrop {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+        self.0.busy.store(false, Ordering::Release);
     }
 }

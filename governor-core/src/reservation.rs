@@ -83,15 +83,26 @@ impl ReservationToken {
     /// Takes `bytes` more from the engine's budget, or fails without changing anything.
     pub fn try_grow(&mut self, bytes: usize) -> Result<(), MemError> {
         self.books().admit(self.engine, self.node, bytes)?;
+        // Cannot overflow: the bytes were admitted under a limit of at most `MAX_BYTES`, and
+        // the token's own bytes are counted in the same books.
         self.size += bytes;
         Ok(())
     }
 
     /// Books `bytes` more that are already allocated, even past the limit or the ceiling; the
     /// excess is reported as overcommit and raises pressure. For infallible paths only.
+    ///
+    /// The token never passes [`MAX_BYTES`](crate::MAX_BYTES): a growth beyond it cannot be
+    /// real memory, so it is booked only up to that bound and logged as an error (see
+    /// [`MemoryGovernor::charge`]).
     pub fn force_grow(&mut self, bytes: usize) {
-        self.books().book_resident(self.engine, self.node, bytes);
-        self.size += bytes;
+        let room = crate::MAX_BYTES.saturating_sub(self.size);
+        let booked = bytes.min(room);
+        if booked < bytes {
+            tracing::error!(engine = %self.engine, size = self.size, bytes, booked, "force_grow beyond MAX_BYTES clamped; the size cannot be real memory");
+        }
+        self.books().book_resident(self.engine, self.node, booked);
+        self.size += booked;
     }
 
     /// Gives `bytes` back. Giving back more than the token holds is an error and changes nothing.
