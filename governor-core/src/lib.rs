@@ -107,6 +107,7 @@ mod books;
 pub mod ceiling;
 mod config;
 pub mod container;
+pub mod container_watch;
 mod engine;
 mod engine_arena;
 mod error;
@@ -135,6 +136,7 @@ pub use container::{
     CeilingSource, ContainerFollower, ContainerProbe, ContainerSample, FollowerSettings,
     MemoryEvents, MemoryLimit, Psi,
 };
+pub use container_watch::{ContainerWatchConfig, ContainerWatchHandle, ContainerWatchStats};
 pub use engine::{EngineId, gib, human_bytes, kib, mib};
 pub use error::{Holders, MemError};
 pub use governor::MemoryGovernor;

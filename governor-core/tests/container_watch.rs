@@ -1,0 +1,184 @@
+//! `MemoryGovernor::follow_container` on a fixture cgroup v2 tree whose files the test rewrites
+//! while the watch runs: the ceiling follows a resized limit, PSI raises pressure and lets it
+//! fall back, and a rising OOM counter is an emergency. Every wait is on a condition with a
+//! generous deadline.
+
+use std::fs;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use governor_core::{
+    ContainerProbe, ContainerWatchConfig, EngineBudget, EngineId, GovernorConfig, MemError,
+    MemoryGovernor, PressureLevel, mib,
+};
+
+const DEADLINE: Duration = Duration::from_mins(1);
+
+struct Tree(PathBuf);
+
+impl Tree {
+    fn new(name: &str) -> Tree {
+        let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("container-watch-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let tree = Tree(root);
+        tree.write("proc/self/cgroup", "0::/\n");
+        tree.write("proc/meminfo", "MemTotal:       67108864 kB\n");
+        tree.write(
+            "proc/self/mountinfo",
+            "25 22 0:22 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw\n",
+        );
+        tree.limit(mib(200));
+        tree.psi(0.0);
+        tree.events(0);
+        tree
+    }
+
+    fn write(&self, relative: &str, text: &str) {
+        let path = self.0.join(relative);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        // Write then rename, so the watch never reads a half-written file.
+        let tmp = path.with_extension("tmp");
+        fs::write(&tmp, text).unwrap();
+        fs::rename(tmp, path).unwrap();
+    }
+
+    fn limit(&self, bytes: usize) {
+        self.write("sys/fs/cgroup/memory.max", &format!("{bytes}\n"));
+    }
+
+    fn psi(&self, some: f64) {
+        self.write(
+            "sys/fs/cgroup/memory.pressure",
+            &format!(
+                "some avg10={some:.2} avg60=0.00 avg300=0.00 total=0\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
+            ),
+        );
+    }
+
+    fn events(&self, oom_kill: u64) {
+        self.write(
+            "sys/fs/cgroup/memory.events",
+            &format!("low 0\nhigh 0\nmax 0\noom {oom_kill}\noom_kill {oom_kill}\n"),
+        );
+    }
+}
+
+impl Drop for Tree {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !condition() {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn the_ceiling_follows_the_container_and_the_kernel_raises_pressure() {
+    let tree = Tree::new("follow");
+    let probe = ContainerProbe::with_root(&tree.0);
+    let g = MemoryGovernor::new(
+        GovernorConfig::builder()
+            .ceiling_from_probe(&probe, 0.5)
+            .unwrap()
+            .engine(EngineId::Query, EngineBudget::new(mib(100)))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(g.ceiling(), mib(100));
+    let watch = g
+        .follow_container(
+            probe,
+            ContainerWatchConfig {
+                interval: Duration::from_millis(5),
+                fraction: 0.5,
+                ..ContainerWatchConfig::default()
+            },
+        )
+        .unwrap();
+    // An operator shrinks the pod: the ceiling follows.
+    tree.limit(mib(120));
+    wait_until("the ceiling follows the limit down", || {
+        g.ceiling() == mib(60)
+    });
+    assert!(g.try_reserve(EngineId::Query, mib(61)).is_err());
+    tree.limit(mib(300));
+    wait_until("the ceiling follows the limit up", || {
+        g.ceiling() == mib(150)
+    });
+    assert!(
+        watch
+            .stats()
+            .ceiling_changes
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2
+    );
+    // The kernel reports stalls: pressure rises although the books are empty, then falls.
+    tree.psi(40.0);
+    wait_until("PSI raises pressure", || {
+        g.global_pressure() >= PressureLevel::Warning
+    });
+    tree.psi(0.0);
+    wait_until("pressure falls back", || {
+        g.global_pressure() == PressureLevel::Normal
+    });
+    // The kernel killed something in the cgroup: an emergency.
+    tree.events(1);
+    wait_until("an OOM kill is an emergency", || {
+        watch
+            .stats()
+            .emergencies
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    });
+    drop(watch);
+    // Stopped: nothing changes the ceiling any more.
+    tree.limit(mib(40));
+    assert_eq!(g.ceiling(), mib(150));
+}
+
+#[test]
+fn bad_watch_settings_and_unreadable_environments_are_refused() {
+    let g = MemoryGovernor::new(
+        GovernorConfig::builder()
+            .global_ceiling(mib(10))
+            .engine(EngineId::Query, EngineBudget::new(mib(10)))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let tree = Tree::new("bad");
+    for config in [
+        ContainerWatchConfig {
+            interval: Duration::ZERO,
+            ..ContainerWatchConfig::default()
+        },
+        ContainerWatchConfig {
+            fraction: f64::NAN,
+            ..ContainerWatchConfig::default()
+        },
+        ContainerWatchConfig {
+            fraction: 1.5,
+            ..ContainerWatchConfig::default()
+        },
+    ] {
+        assert!(matches!(
+            g.follow_container(ContainerProbe::with_root(&tree.0), config),
+            Err(MemError::InvalidConfig { .. })
+        ));
+    }
+    tree.write("sys/fs/cgroup/memory.max", "lots\n");
+    assert!(matches!(
+        g.follow_container(
+            ContainerProbe::with_root(&tree.0),
+            ContainerWatchConfig::default()
+        ),
+        Err(MemError::Environment { .. })
+    ));
+}
