@@ -56,6 +56,8 @@ pub struct EngineSnapshot {
     pub reclaimed_bytes: u64,
     /// Reclaim calls that failed, panicked or timed out.
     pub reclaim_failures: u64,
+    /// Times one of the engine's reclaimers was quarantined for claims the books did not back.
+    pub reclaim_quarantines: u64,
     /// Bytes async reservations of this engine are waiting for.
     pub waiting_bytes: usize,
     /// Pressure level.
@@ -374,7 +376,7 @@ impl GovernorSnapshot {
             r,
             self,
             "engine_reclaimed_bytes",
-            "Bytes the engine's reclaimers freed",
+            "Bytes the engine's books show its reclaimers freed (not what they claimed)",
             |e| e.reclaimed_bytes,
         );
         engine_counter(
@@ -383,6 +385,13 @@ impl GovernorSnapshot {
             "engine_reclaim_failures",
             "Reclaim calls that failed, panicked or timed out",
             |e| e.reclaim_failures,
+        );
+        engine_counter(
+            r,
+            self,
+            "engine_reclaim_quarantines",
+            "Times a reclaimer was quarantined for claims the books did not back",
+            |e| e.reclaim_quarantines,
         );
         engine_counter(
             r,
@@ -566,6 +575,7 @@ impl MemoryGovernor {
                     reclaim_requests: c.reclaim_requests.load(Ordering::Relaxed),
                     reclaimed_bytes: c.reclaimed_bytes.load(Ordering::Relaxed),
                     reclaim_failures: c.reclaim_failures.load(Ordering::Relaxed),
+                    reclaim_quarantines: c.reclaim_quarantines.load(Ordering::Relaxed),
                     waiting_bytes: c.waiting_bytes.load(Ordering::Relaxed),
                     pressure: self.engine_pressure(engine),
                     untracked: self.engine_untracked(engine),

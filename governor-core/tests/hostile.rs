@@ -316,12 +316,14 @@ async fn a_lying_reclaimer_does_not_starve_honest_ones() {
             }
         }
     }
+    let snapshot = g.snapshot();
+    let query = snapshot.engine(EngineId::Query).unwrap();
+    assert!(query.reclaim_failures >= 1);
+    assert!(query.reclaim_quarantines >= 1);
+    let text = snapshot.to_prometheus();
     assert!(
-        g.snapshot()
-            .engine(EngineId::Query)
-            .unwrap()
-            .reclaim_failures
-            >= 1
+        text.contains("engine_reclaim_quarantines") && text.contains("engine=\"query\""),
+        "{text}"
     );
     assert_eq!(g.reserved(EngineId::Query), mib(60));
     drop(lie);
