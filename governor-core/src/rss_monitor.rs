@@ -233,6 +233,8 @@ impl UntrackedFilter {
 }
 
 /// How the RSS monitor runs. Build it from [`Default`] and the `with_*` methods.
+// Each flag is an independent on/off switch of one `with_*` method, not states of one machine.
+#[allow(clippy::struct_excessive_bools)]
 #[derive(Clone, Debug)]
 pub struct RssMonitorConfig {
     interval: Duration,
@@ -485,7 +487,8 @@ impl MemoryGovernor {
     /// ```
     ///
     /// # Errors
-    /// [`MemError::InvalidConfig`] for an interval under 1 ms or an invalid control law;
+    /// [`MemError::InvalidConfig`] for an interval under 1 ms or above a week, or an invalid
+    /// control law;
     /// [`MemError::Allocator`] when no source of resident memory works here; never for a
     /// failure later on (those are counted in [`RssMonitorStats::errors`] and logged).
     pub fn start_rss_monitor(
@@ -497,6 +500,16 @@ impl MemoryGovernor {
                 field: "rss_monitor.interval".into(),
                 reason: format!(
                     "{:?} is below 1 ms; the monitor would spin",
+                    config.interval
+                ),
+            });
+        }
+        if config.interval > Duration::from_hours(7 * 24) {
+            // Also keeps `Instant + interval` below overflow (`Duration::MAX` panicked there).
+            return Err(MemError::InvalidConfig {
+                field: "rss_monitor.interval".into(),
+                reason: format!(
+                    "{:?} is above a week; memory outside the books would go unseen that long",
                     config.interval
                 ),
             });

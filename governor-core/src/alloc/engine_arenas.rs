@@ -313,10 +313,11 @@ impl EngineGuard {
 
 impl fmt::Debug for EngineGuard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The pin's id is bookkeeping of this thread's stack, of no use to a reader.
         f.debug_struct("EngineGuard")
             .field("engine", &self.engine)
             .field("arena", &self.arena())
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
