@@ -2,7 +2,8 @@
 //! under a private directory and points a [`ContainerProbe`] at it. The layouts are the ones
 //! found in the wild: pure cgroup v2 (container with its own namespace, and a nested systemd
 //! path), cgroup v1 with a bind-mounted subtree, the hybrid layout of this project's build
-//! machines, and no cgroup at all.
+//! machines, and no cgroup at all. Where the machine lets root create a v1 memory cgroup, one
+//! test also follows a real limit lowered under a running child process.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -632,4 +633,191 @@ fn this_machine() {
         .build()
         .unwrap();
     assert!(config.ceiling() > 0 && config.ceiling() <= limit.bytes);
+}
+
+/// Set in the environment of the child that `a_real_cgroup_limit_is_followed` starts inside the
+/// cgroup it made; `real_cgroup_child` does nothing without it.
+const CHILD_ENV: &str = "GOVERNOR_CONTAINER_TEST_CHILD";
+
+/// The child half of `a_real_cgroup_limit_is_followed`: on each line from the parent, probes
+/// the real environment and prints what it found and what the follower reports.
+#[test]
+fn real_cgroup_child() {
+    use std::io::Write;
+
+    if std::env::var_os(CHILD_ENV).is_none() {
+        return;
+    }
+    let probe = ContainerProbe::new();
+    let mut follower = ContainerFollower::new(FollowerSettings::new()).unwrap();
+    let mut line = String::new();
+    while std::io::stdin().read_line(&mut line).unwrap() > 0 {
+        line.clear();
+        let sample = probe.sample().unwrap();
+        let report = follower.observe(&sample);
+        let limit = sample.limit.unwrap();
+        // Straight to the file descriptor: the test harness captures `println!`.
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "CHILD {} {} {} {:?}",
+            limit.bytes,
+            limit.source,
+            limit.source.path().unwrap().display(),
+            report.limit_change.map(|c| (c.from, c.to.bytes))
+        )
+        .unwrap();
+        out.flush().unwrap();
+    }
+}
+
+/// The v1 memory cgroup directory of this process, if the memory controller is on v1.
+fn own_v1_memory_cgroup() -> Result<PathBuf, String> {
+    let cgroups = fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
+    let path = cgroups
+        .lines()
+        .find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            controllers
+                .split(',')
+                .any(|c| c == "memory")
+                .then(|| path.to_owned())
+        })
+        .ok_or(
+            "the memory controller is not on cgroup v1 here (pure v2 needs a delegated subtree)",
+        )?;
+    let mounts = fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
+    let (root, mount_point) = mounts
+        .lines()
+        .find_map(|l| {
+            let (before, after) = l.split_once(" - ")?;
+            let mut tail = after.split_whitespace();
+            let is_memory =
+                tail.next()? == "cgroup" && tail.nth(1)?.split(',').any(|o| o == "memory");
+            let fields: Vec<&str> = before.split_whitespace().collect();
+            is_memory.then(|| (fields[3].to_owned(), fields[4].to_owned()))
+        })
+        .ok_or("no v1 memory controller in /proc/self/mountinfo")?;
+    let relative = if root == "/" {
+        path.as_str()
+    } else {
+        path.strip_prefix(&root)
+            .ok_or("this process's memory cgroup is outside the mounted subtree")?
+    };
+    Ok(Path::new(&mount_point).join(relative.trim_start_matches('/')))
+}
+
+/// A cgroup made by the test: the child is killed and the directory removed on drop.
+struct RealCgroup {
+    dir: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl Drop for RealCgroup {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Err(e) = fs::remove_dir(&self.dir) {
+            eprintln!(
+                "could not remove the test cgroup {}: {e}",
+                self.dir.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn a_real_cgroup_limit_is_followed() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+
+    let parent = match own_v1_memory_cgroup() {
+        Ok(dir) => dir,
+        Err(reason) => {
+            println!("skipped: {reason}");
+            return;
+        }
+    };
+    let outer = ContainerProbe::new().memory_limit().unwrap().bytes;
+    if outer <= mib(256) {
+        println!("skipped: the surrounding limit ({outer} bytes) is already below the test's");
+        return;
+    }
+    let dir = parent.join(format!("governor-container-test-{}", std::process::id()));
+    if let Err(e) = fs::create_dir(&dir) {
+        println!(
+            "skipped: cannot create a memory cgroup at {}: {e} (needs root and a writable v1 memory controller)",
+            dir.display()
+        );
+        return;
+    }
+    let mut cgroup = RealCgroup { dir, child: None };
+    let limit_file = cgroup.dir.join("memory.limit_in_bytes");
+    fs::write(&limit_file, mib(256).to_string()).unwrap();
+
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "real_cgroup_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let child = cgroup.child.insert(child);
+    fs::write(cgroup.dir.join("cgroup.procs"), child.id().to_string()).unwrap();
+    let mut to_child = child.stdin.take().unwrap();
+    let from_child = BufReader::new(child.stdout.take().unwrap());
+    // Lines arrive through a thread so that a child that never answers fails the test at a
+    // generous deadline instead of hanging it.
+    let (lines, answers) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in from_child.lines().map_while(Result::ok) {
+            // The harness may print "test real_cgroup_child ... " on the same line first.
+            if let Some((_, rest)) = line.split_once("CHILD ")
+                && lines.send(rest.trim().to_owned()).is_err()
+            {
+                return;
+            }
+        }
+    });
+    let ask = |to_child: &mut std::process::ChildStdin| {
+        to_child.write_all(b"probe\n").unwrap();
+        answers
+            .recv_timeout(std::time::Duration::from_mins(5))
+            .expect("the child answers within 5 minutes")
+    };
+    let expected_file = limit_file.display().to_string();
+    let first = ask(&mut to_child);
+    assert_eq!(
+        first,
+        format!("{} cgroup_v1 {expected_file} None", mib(256)),
+        "first probe"
+    );
+    // The operator lowers the limit under the running process.
+    fs::write(&limit_file, mib(128).to_string()).unwrap();
+    let second = ask(&mut to_child);
+    assert_eq!(
+        second,
+        format!(
+            "{} cgroup_v1 {expected_file} Some(({}, {}))",
+            mib(128),
+            mib(256),
+            mib(128)
+        ),
+        "second probe"
+    );
+    drop(to_child);
+    let status = cgroup.child.take().unwrap().wait().unwrap();
+    assert!(status.success(), "child: {status}");
+    println!(
+        "followed a real v1 cgroup at {}: {first} -> {second}",
+        cgroup.dir.display()
+    );
 }
