@@ -51,7 +51,12 @@ impl MemoryGovernor {
         let mut builder = tokio::runtime::Builder::new_multi_thread();
         builder.enable_all().thread_name(format!("{engine}-engine"));
         if let Some(arena) = arena {
+            // Tokio built with `--cfg loom` has no thread hooks; the loom run models the ledger
+            // only and never starts an engine runtime.
+            #[cfg(not(loom))]
             builder.on_thread_start(move || pin_runtime_thread(engine, arena));
+            #[cfg(loom)]
+            let _ = arena;
         }
         Ok(builder)
     }
