@@ -8,7 +8,9 @@
 //!   [`reserve`](MemoryGovernor::reserve) calls are woken.
 //! * **Lowering** is in force for admission when `set_ceiling` returns: every grant checks the
 //!   ceiling inside its compare-and-swap, so no reservation admitted after the change passes
-//!   the new ceiling, and idle per-thread credit granted under the old ceiling is drained.
+//!   the new ceiling, and idle per-thread credit granted under the old ceiling is drained
+//!   (a release racing the change may still park the ledger's usual slack, at most two quanta
+//!   per shard, ≤ 1/32 of a limit; see `Ledger::set_ceiling`).
 //!   What is already *held* above the new ceiling is not revoked — the governor never takes
 //!   memory from a live token — it is **drained**: reclaimed from borrowers first and then,
 //!   if the [`CeilingPolicy`] allows, from holders below their floors, on the governor's

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use governor_core::{
-    EngineBudget, EngineId, GovernorConfig, MAX_BYTES, MemError, MemoryGovernor, PressureLevel,
-    RebalancePolicy, ReclaimError, ReclaimScope, Reclaimer, ReservationToken, mib,
+    EngineBudget, EngineId, GovernorConfig, MAX_BYTES, MemError, MemoryGovernor, RebalancePolicy,
+    ReclaimError, ReclaimScope, Reclaimer, ReservationToken, mib,
 };
 use parking_lot::{Condvar, Mutex};
 
@@ -529,4 +529,11 @@ fn a_zero_interval_rebalancer_is_refused() {
     }
     let handle = g.start_rebalancer(RebalancePolicy::default()).unwrap();
     drop(handle);
+    // The RSS monitor's interval is bounded the same way (Duration::MAX overflowed its clock).
+    for interval in [Duration::ZERO, Duration::MAX] {
+        assert!(matches!(
+            g.start_rss_monitor(governor_core::RssMonitorConfig::default().with_interval(interval)),
+            Err(MemError::InvalidConfig { .. })
+        ));
+    }
 }
