@@ -12,32 +12,12 @@ use governor_core::{
     CeilingMisfit, CeilingPolicy, EngineBudget, EngineId, GovernorConfig, MemError, MemoryGovernor,
     ReclaimError, Reclaimer, ReservationToken, mib,
 };
-use parking_lot::Mutex;
+mod common;
+
+use common::Spiller;
 
 /// Only a wedged governor misses it.
 const DEADLINE: Duration = Duration::from_mins(1);
-
-#[derive(Default)]
-struct Spiller {
-    held: Mutex<Vec<ReservationToken>>,
-}
-
-#[async_trait]
-impl Reclaimer for Spiller {
-    fn reclaimable(&self) -> usize {
-        self.held.lock().iter().map(ReservationToken::size).sum()
-    }
-
-    async fn reclaim(&self, target: usize) -> Result<usize, ReclaimError> {
-        let mut freed = 0;
-        let mut held = self.held.lock();
-        while freed < target {
-            let Some(t) = held.pop() else { break };
-            freed += t.size();
-        }
-        Ok(freed)
-    }
-}
 
 struct Hanging;
 

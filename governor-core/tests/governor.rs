@@ -1,7 +1,7 @@
 //! Behaviour of the public governor API: admission, lending, errors, pressure, reclaim.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -9,7 +9,10 @@ use governor_core::{
     EngineBudget, EngineId, GovernorConfig, MemError, MemoryGovernor, PressureLevel,
     RebalancePolicy, ReclaimError, Reclaimer, ReservationToken, kib, mib,
 };
-use parking_lot::Mutex;
+
+mod common;
+
+use common::Spiller;
 
 fn governor() -> Arc<MemoryGovernor> {
     governor_with_reclaim_timeout(Duration::from_millis(200))
@@ -255,38 +258,6 @@ fn prometheus_text_has_engine_and_consumer_series() {
     assert!(text.contains("memgov_ceiling_bytes 104857600"), "{text}");
     drop(handle);
     assert!(g.snapshot().consumers.is_empty());
-}
-
-/// A borrower that frees its held tokens when asked, as a spilling operator would.
-struct Spiller {
-    held: Mutex<Vec<ReservationToken>>,
-    calls: AtomicUsize,
-}
-
-impl Spiller {
-    fn new(held: Vec<ReservationToken>) -> Arc<Self> {
-        Arc::new(Self {
-            held: Mutex::new(held),
-            calls: AtomicUsize::new(0),
-        })
-    }
-}
-
-#[async_trait]
-impl Reclaimer for Spiller {
-    fn reclaimable(&self) -> usize {
-        self.held.lock().iter().map(ReservationToken::size).sum()
-    }
-    async fn reclaim(&self, target: usize) -> Result<usize, ReclaimError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        let mut freed = 0;
-        let mut held = self.held.lock();
-        while freed < target {
-            let Some(token) = held.pop() else { break };
-            freed += token.size();
-        }
-        Ok(freed)
-    }
 }
 
 #[tokio::test]

@@ -13,38 +13,19 @@ use std::time::Duration;
 use async_trait::async_trait;
 use governor_core::{
     EngineBudget, EngineId, GovernorConfig, MAX_BYTES, MemError, MemoryGovernor, RebalancePolicy,
-    ReclaimError, ReclaimScope, Reclaimer, ReservationToken, mib,
+    ReclaimError, ReclaimScope, Reclaimer, mib,
 };
 use parking_lot::{Condvar, Mutex};
+
+mod common;
+
+use common::Spiller;
 
 /// Long enough that only a wedged governor can miss it, on any machine.
 const DEADLINE: Duration = Duration::from_mins(1);
 
 fn config() -> governor_core::GovernorConfigBuilder {
     GovernorConfig::builder().global_ceiling(mib(512))
-}
-
-/// Holds tokens and gives them back when asked: an honest spiller.
-#[derive(Default)]
-struct Honest {
-    held: Mutex<Vec<ReservationToken>>,
-}
-
-#[async_trait]
-impl Reclaimer for Honest {
-    fn reclaimable(&self) -> usize {
-        self.held.lock().iter().map(ReservationToken::size).sum()
-    }
-
-    async fn reclaim(&self, target: usize) -> Result<usize, ReclaimError> {
-        let mut freed = 0;
-        let mut held = self.held.lock();
-        while freed < target {
-            let Some(token) = held.pop() else { break };
-            freed += token.size();
-        }
-        Ok(freed)
-    }
 }
 
 /// Blocks its thread (as synchronous I/O or a condvar wait would) until the gate opens.
@@ -268,7 +249,7 @@ async fn a_lying_reclaimer_does_not_starve_honest_ones() {
     )
     .unwrap();
     let lie = g.try_reserve(EngineId::Query, mib(60)).unwrap();
-    let honest = Arc::new(Honest::default());
+    let honest = Arc::new(Spiller::default());
     for _ in 0..40 {
         honest
             .held
@@ -352,7 +333,7 @@ async fn a_reclaimer_claiming_usize_max_does_not_abort_the_plan() {
     )
     .unwrap();
     let _boast = g.try_reserve(EngineId::Query, mib(20)).unwrap();
-    let honest = Arc::new(Honest::default());
+    let honest = Arc::new(Spiller::default());
     honest
         .held
         .lock()
