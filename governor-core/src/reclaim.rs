@@ -516,10 +516,12 @@ impl MemoryGovernor {
         std::thread::Builder::new()
             .name("governor-reclaim-call".into())
             .spawn(move || {
-                let _clear = clear;
                 let call =
                     std::panic::AssertUnwindSafe(|| runtime.block_on(reclaimer.reclaim(target)));
                 let answer = std::panic::catch_unwind(call).map_err(|_| ());
+                // Not busy any more before the answer is seen: a caller that gets it and
+                // asks again at once must not find the reclaimer "still busy".
+                drop(clear);
                 // The plan may have stopped waiting; then nobody needs the answer.
                 let _ = tx.send(answer);
             })

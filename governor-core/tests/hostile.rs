@@ -518,3 +518,32 @@ fn a_zero_interval_rebalancer_is_refused() {
         ));
     }
 }
+
+/// A reclaimer that answered is free again before its answer is seen: reclaims asked back to
+/// back (as an adapter's "free what you can" after a first pass) never find it "still busy".
+/// CI caught the old order, which cleared the busy flag only after sending the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn back_to_back_reclaims_never_find_a_returned_reclaimer_busy() {
+    let g = MemoryGovernor::new(
+        config()
+            .engine(EngineId::Sparse, EngineBudget::new(mib(100)))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let spiller = Arc::new(Spiller::default());
+    let _r = g.register_reclaimer(EngineId::Sparse, Arc::clone(&spiller) as Arc<dyn Reclaimer>);
+    for round in 0..500 {
+        spiller
+            .held
+            .lock()
+            .push(g.try_reserve(EngineId::Sparse, 4096).unwrap());
+        let out = g.reclaim_from(EngineId::Sparse, usize::MAX / 2).await;
+        assert!(
+            out.steps.iter().all(|s| s.result.is_ok()),
+            "round {round}: {out:?}"
+        );
+        assert_eq!(out.freed, 4096, "round {round}: {out:?}");
+    }
+    assert_eq!(spiller.calls.load(Ordering::SeqCst), 500);
+}
