@@ -40,6 +40,8 @@ pub struct MemoryGovernor {
     pub(crate) config_changes: parking_lot::Mutex<()>,
     /// Per-engine allocator figures from the RSS monitor's reconciliation (`reconcile` module).
     pub(crate) allocation: crate::reconcile::AllocationBook,
+    /// Where the ceiling came from and the container's last sample (`environment` module).
+    pub(crate) environment: crate::environment::EnvironmentBook,
 }
 
 impl MemoryGovernor {
@@ -61,7 +63,9 @@ impl MemoryGovernor {
     /// # Ok::<(), governor_core::MemError>(())
     /// ```
     pub fn new(config: GovernorConfig) -> Result<Arc<Self>, MemError> {
+        let environment = crate::environment::EnvironmentBook::new(config.ceiling_source.clone());
         Ok(Arc::new_cyclic(|owner| Self {
+            environment,
             books: Arc::new(Books::new(config, owner.clone())),
             reclaimers: ReclaimRegistry::default(),
             consumer_stats: StatsRegistry::default(),

@@ -640,7 +640,7 @@ impl GovernorConfigBuilder {
             ceiling,
             "global ceiling taken from the memory environment"
         );
-        Ok(self.global_ceiling(ceiling))
+        Ok(self.global_ceiling(ceiling).ceiling_source(limit.source))
     }
 }
 
