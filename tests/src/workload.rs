@@ -61,6 +61,37 @@ pub struct WorkloadConfig {
     pub shed_below_floors: bool,
     /// The RSS monitor's sampling interval.
     pub monitor_interval: Duration,
+    /// `Some(fraction)`: the ceiling is this share of the memory the environment allows (the
+    /// cgroup's limit, else physical memory), found at start; `ceiling` is then ignored.
+    pub ceiling_from_environment: Option<f64>,
+    /// Ceiling drops while the timeseries ingest runs.
+    pub drops: Option<CeilingDrops>,
+}
+
+/// Lowering the ceiling mid-run, as an operator resizing the container would.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CeilingDrops {
+    /// The lowered ceiling.
+    pub to: usize,
+    /// How many drops, spread evenly over the ingest (one: at half time). Each but the last
+    /// is undone once its drain ends, so every drop starts from the full ceiling; the last
+    /// stays until the run ends.
+    pub count: usize,
+}
+
+/// One ceiling drop and how the governor got back under it.
+#[derive(Clone, Debug)]
+pub struct DropRecord {
+    /// The ceiling before and after.
+    pub from: usize,
+    /// The lowered ceiling.
+    pub to: usize,
+    /// Bytes counted against the ceiling above the new one at the drop.
+    pub over: usize,
+    /// What the drain reported.
+    pub outcome: governor_core::DrainOutcome,
+    /// From the drop until the books were under the new ceiling (or the drain gave up).
+    pub drain_time: Duration,
 }
 
 impl WorkloadConfig {
@@ -86,6 +117,8 @@ impl WorkloadConfig {
             partitions: 2,
             shed_below_floors: true,
             monitor_interval: governor_core::rss_monitor::DEFAULT_RSS_MONITOR_INTERVAL,
+            ceiling_from_environment: None,
+            drops: None,
         }
     }
 
@@ -126,6 +159,8 @@ impl WorkloadConfig {
             partitions: 2,
             shed_below_floors: true,
             monitor_interval: governor_core::rss_monitor::DEFAULT_RSS_MONITOR_INTERVAL,
+            ceiling_from_environment: None,
+            drops: None,
         }
     }
 }
@@ -163,9 +198,25 @@ pub struct WorkloadReport {
     pub prometheus: String,
     /// What the RSS monitor did: emergencies, reclaims from borrowers and below floors.
     pub monitor: governor_core::RssMonitorStats,
+    /// Where the ceiling came from (`configured`, `cgroup_v2`, `cgroup_v1`, `physical`).
+    pub ceiling_source: String,
+    /// Every ceiling drop and its drain.
+    pub drops: Vec<DropRecord>,
 }
 
 impl WorkloadReport {
+    /// The median and 99th percentile (nearest rank) of the drops' drain times.
+    pub fn drain_percentiles(&self) -> Option<(Duration, Duration)> {
+        let mut times: Vec<Duration> = self.drops.iter().map(|d| d.drain_time).collect();
+        if times.is_empty() {
+            return None;
+        }
+        times.sort();
+        let rank =
+            |q: f64| times[((q * times.len() as f64).ceil() as usize).clamp(1, times.len()) - 1];
+        Some((rank(0.5), rank(0.99)))
+    }
+
     /// True when every promise held.
     pub fn passed(&self) -> bool {
         self.failures.is_empty()
@@ -205,6 +256,31 @@ impl WorkloadReport {
                 "  {engine:<10} peak {:>10} of limit {:>10}",
                 human_bytes(*peak),
                 human_bytes(*limit)
+            );
+        }
+        let _ = writeln!(s, "ceiling source: {}", self.ceiling_source);
+        for d in &self.drops {
+            let _ = writeln!(
+                s,
+                "ceiling drop {} -> {}: {} over at the drop, drained {} in {:.1?}, still over {}{}",
+                human_bytes(d.from),
+                human_bytes(d.to),
+                human_bytes(d.over),
+                human_bytes(d.outcome.drained),
+                d.drain_time,
+                human_bytes(d.outcome.still_over),
+                if d.outcome.timed_out {
+                    " (deadline passed)"
+                } else {
+                    ""
+                }
+            );
+        }
+        if let Some((p50, p99)) = self.drain_percentiles() {
+            let _ = writeln!(
+                s,
+                "drop-to-drain over {} drops: p50 {p50:.1?}, p99 {p99:.1?}",
+                self.drops.len()
             );
         }
         if self.failures.is_empty() {
@@ -248,9 +324,14 @@ fn point(series: usize, i: usize) -> Point {
 pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
     let started = Instant::now();
     let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
+    let builder = match config.ceiling_from_environment {
+        Some(fraction) => GovernorConfig::builder()
+            .ceiling_from_environment(fraction)
+            .map_err(|e| format!("ceiling from the environment: {e}"))?,
+        None => GovernorConfig::builder().global_ceiling(config.ceiling),
+    };
     let governor = MemoryGovernor::new(
-        GovernorConfig::builder()
-            .global_ceiling(config.ceiling)
+        builder
             .engine(
                 EngineId::Vector,
                 EngineBudget::new(config.vector_limit).with_floor(config.vector_limit / 2),
@@ -268,6 +349,10 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
             .map_err(|e| e.to_string())?,
     )
     .map_err(|e| e.to_string())?;
+    // From here on the ceiling in force is the governor's (it may have come from the
+    // environment); every check below is against it.
+    let mut config = config;
+    config.ceiling = governor.ceiling();
     let monitor = governor
         .start_rss_monitor(
             RssMonitorConfig::default()
@@ -348,14 +433,21 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
         let (cache, cfg) = (cache.clone(), config.clone());
         tokio::task::spawn_blocking(move || vector_searches(&cache, &cfg))
     };
+    let progress = Arc::new(AtomicUsize::new(0));
     let ingest = {
-        let (governor, cfg, path) = (
+        let (governor, cfg, path, progress) = (
             governor.clone(),
             config.clone(),
             dir.path().join("timeseries"),
+            progress.clone(),
         );
-        tokio::spawn(async move { timeseries_ingest(governor, &cfg, path).await })
+        tokio::spawn(async move { timeseries_ingest(governor, &cfg, path, &progress).await })
     };
+    let dropper = config.drops.map(|drops| {
+        let (governor, progress) = (governor.clone(), progress.clone());
+        let total = config.series * config.points_per_series;
+        tokio::spawn(async move { drop_ceiling(governor, drops, &progress, total).await })
+    });
     let sql = {
         let (governor, cfg, path) = (governor.clone(), config.clone(), dir.path().join("spill"));
         tokio::spawn(async move { sql_group_by(governor, &cfg, path).await })
@@ -380,6 +472,13 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
         Ok(done) => report.queries_done = done,
         Err(e) => failures.lock().push(format!("sql: {e}")),
     }
+    if let Some(dropper) = dropper {
+        match dropper.await.map_err(|e| e.to_string())? {
+            Ok(drops) => report.drops = drops,
+            Err(e) => failures.lock().push(format!("ceiling drop: {e}")),
+        }
+    }
+    report.ceiling_source = governor.environment().ceiling_source.to_string();
     stop.store(true, Ordering::Release);
     sampler
         .join()
@@ -429,6 +528,15 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
         .filter(|e| e.configured)
         .map(|e| (e.engine, e.limit, e.peak))
         .collect();
+    for d in &report.drops {
+        if d.outcome.still_over > 0 {
+            failures.push(format!(
+                "after the ceiling drop to {} the books stayed {} over it",
+                human_bytes(d.to),
+                human_bytes(d.outcome.still_over)
+            ));
+        }
+    }
     for (engine, limit, peak) in &report.engine_peaks {
         if peak > limit {
             failures.push(format!(
@@ -462,6 +570,41 @@ fn insert_with_retry(
         }
     }
     Err("insert retries exhausted".into())
+}
+
+/// Lowers the ceiling to `drops.to` at evenly spread points of the ingest and measures, for
+/// each drop, the time until the books are back under it; every drop but the last is undone
+/// once its drain ends.
+async fn drop_ceiling(
+    governor: Arc<MemoryGovernor>,
+    drops: CeilingDrops,
+    progress: &AtomicUsize,
+    total_points: usize,
+) -> Result<Vec<DropRecord>, String> {
+    let full = governor.ceiling();
+    let mut records = Vec::with_capacity(drops.count);
+    for k in 1..=drops.count {
+        let mark = total_points * k / (drops.count + 1);
+        // Progress is polled, not waited on: it moves every append, and a missed instant
+        // only moves the drop by one batch.
+        while progress.load(Ordering::Acquire) < mark {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let started = Instant::now();
+        let mut change = governor.set_ceiling(drops.to).map_err(|e| e.to_string())?;
+        let outcome = change.finished().await;
+        records.push(DropRecord {
+            from: full,
+            to: drops.to,
+            over: change.over,
+            outcome,
+            drain_time: started.elapsed(),
+        });
+        if k < drops.count {
+            governor.set_ceiling(full).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(records)
 }
 
 /// Queries per `search_all_batch` call: each cold segment is loaded once per batch, which is
@@ -504,6 +647,7 @@ async fn timeseries_ingest(
     governor: Arc<MemoryGovernor>,
     cfg: &WorkloadConfig,
     dir: std::path::PathBuf,
+    progress: &AtomicUsize,
 ) -> Result<(usize, usize, usize), String> {
     let flusher = FileSegmentFlusher::new(&dir).map_err(|e| format!("segment dir: {e}"))?;
     let adapter = TimeseriesAdapter::builder(governor)
@@ -523,6 +667,7 @@ async fn timeseries_ingest(
                     Ok(()) => {
                         ingested += rest.len();
                         rest = &[];
+                        progress.store(ingested, Ordering::Release);
                     }
                     Err(e @ timeseries_adapter::IngestError::Throttled { .. }) => {
                         // Lossless backpressure: keep the unstored suffix and try again.
