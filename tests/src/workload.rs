@@ -62,7 +62,8 @@ pub struct WorkloadConfig {
     /// The RSS monitor's sampling interval.
     pub monitor_interval: Duration,
     /// `Some(fraction)`: the ceiling is this share of the memory the environment allows (the
-    /// cgroup's limit, else physical memory), found at start; `ceiling` is then ignored.
+    /// cgroup's limit, else physical memory), and follows it while the run lasts (the container
+    /// watch); `ceiling` is then ignored.
     pub ceiling_from_environment: Option<f64>,
     /// Ceiling drops while the timeseries ingest runs.
     pub drops: Option<CeilingDrops>,
@@ -353,6 +354,22 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
     // environment); every check below is against it.
     let mut config = config;
     config.ceiling = governor.ceiling();
+    // A ceiling from the environment also follows it: a resized container moves the ceiling,
+    // and the kernel's pressure and OOM counters reach the governor.
+    let _container_watch = match config.ceiling_from_environment {
+        Some(fraction) => Some(
+            governor
+                .follow_container(
+                    governor_core::ContainerProbe::new(),
+                    governor_core::ContainerWatchConfig {
+                        fraction,
+                        ..governor_core::ContainerWatchConfig::default()
+                    },
+                )
+                .map_err(|e| format!("following the container: {e}"))?,
+        ),
+        None => None,
+    };
     let monitor = governor
         .start_rss_monitor(
             RssMonitorConfig::default()
