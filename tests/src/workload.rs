@@ -201,6 +201,10 @@ pub struct WorkloadReport {
     pub monitor: governor_core::RssMonitorStats,
     /// Where the ceiling came from (`configured`, `cgroup_v2`, `cgroup_v1`, `physical`).
     pub ceiling_source: String,
+    /// The ceiling in force at the end, and how often it changed during the run.
+    pub final_ceiling: usize,
+    /// Ceiling changes during the run (drops, restores, a followed container).
+    pub ceiling_changes: u64,
     /// Every ceiling drop and its drain.
     pub drops: Vec<DropRecord>,
 }
@@ -259,7 +263,13 @@ impl WorkloadReport {
                 human_bytes(*limit)
             );
         }
-        let _ = writeln!(s, "ceiling source: {}", self.ceiling_source);
+        let _ = writeln!(
+            s,
+            "ceiling source: {}, {} changes, {} at the end",
+            self.ceiling_source,
+            self.ceiling_changes,
+            human_bytes(self.final_ceiling)
+        );
         for d in &self.drops {
             let _ = writeln!(
                 s,
@@ -495,7 +505,10 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
             Err(e) => failures.lock().push(format!("ceiling drop: {e}")),
         }
     }
-    report.ceiling_source = governor.environment().ceiling_source.to_string();
+    let environment = governor.environment();
+    report.ceiling_source = environment.ceiling_source.to_string();
+    report.ceiling_changes = environment.ceiling_changes;
+    report.final_ceiling = governor.ceiling();
     stop.store(true, Ordering::Release);
     sampler
         .join()
