@@ -143,8 +143,10 @@ impl WorkloadConfig {
     pub fn small() -> Self {
         Self {
             ceiling: mib(192),
-            vector_limit: mib(2),
-            timeseries_limit: mib(2),
+            // Room for the arena's real bytes too: each engine's allocator drift (the HNSW
+            // graph's neighbour lists, memtable vectors' spare capacity) is charged to it.
+            vector_limit: mib(4),
+            timeseries_limit: mib(4),
             query_limit: mib(24),
             bridge_limit: mib(16),
             segments: 6,
@@ -187,6 +189,8 @@ pub struct WorkloadReport {
     pub peak_booked: usize,
     /// Per engine: (engine, limit, peak grant).
     pub engine_peaks: Vec<(EngineId, usize, usize)>,
+    /// Per engine with its own arena: what the allocator says it really held.
+    pub engine_allocations: Vec<(EngineId, governor_core::EngineAllocation)>,
     /// Invariant breaches the sampler saw, and work that did not complete.
     pub failures: Vec<String>,
     /// Sampler readings.
@@ -256,12 +260,29 @@ impl WorkloadReport {
             m.purges
         );
         for (engine, limit, peak) in &self.engine_peaks {
-            let _ = writeln!(
+            let _ = write!(
                 s,
                 "  {engine:<10} peak {:>10} of limit {:>10}",
                 human_bytes(*peak),
                 human_bytes(*limit)
             );
+            match self.engine_allocations.iter().find(|(e, _)| e == engine) {
+                Some((_, a)) => {
+                    let _ = writeln!(
+                        s,
+                        "; arena: peak allocated {:>10}, drift {} .. {}{}",
+                        human_bytes(a.peak_allocated),
+                        signed_bytes(a.low_drift),
+                        signed_bytes(a.peak_drift),
+                        if a.low_drift < 0 {
+                            " (negative: its byte model reserves more than it allocates)"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+                None => s.push('\n'),
+            }
         }
         let _ = writeln!(
             s,
@@ -306,6 +327,22 @@ impl WorkloadReport {
     }
 }
 
+/// How far above its limit an engine's arena may peak: the allocator is read once per monitor
+/// tick, so an engine can allocate past its books for up to one tick before its drift is
+/// charged to it, plus jemalloc's thread caches. A tenth of the limit plus 2 MiB.
+pub fn allocated_tolerance(limit: usize) -> usize {
+    limit / 10 + mib(2)
+}
+
+fn signed_bytes(bytes: i64) -> String {
+    let magnitude = human_bytes(bytes.unsigned_abs() as usize);
+    if bytes < 0 {
+        format!("-{magnitude}")
+    } else {
+        format!("+{magnitude}")
+    }
+}
+
 /// Deterministic pseudo-random numbers (splitmix64), so every run and every check sees the
 /// same data without storing it.
 fn mix(mut x: u64) -> u64 {
@@ -329,6 +366,61 @@ fn point(series: usize, i: usize) -> Point {
     let value =
         ((series * 7 + i) % 1_000) as f64 / 8.0 + f64::from(u8::try_from(i % 3).unwrap_or(0));
     Point::new(ts, value)
+}
+
+/// One multi-thread runtime per engine, pinned to the engine's arena
+/// ([`MemoryGovernor::engine_runtime_builder`]). Shut down in the background when dropped: the
+/// workload drops them from async code, where a blocking shutdown is not allowed.
+struct EngineRuntimes {
+    /// Vector, Timeseries, Query; `None` only while being dropped.
+    runtimes: [Option<tokio::runtime::Runtime>; 3],
+}
+
+impl EngineRuntimes {
+    fn new(governor: &MemoryGovernor) -> Result<Self, String> {
+        let build = |engine: EngineId, workers: usize| {
+            governor
+                .engine_runtime_builder(engine)
+                .map_err(|e| format!("{engine} runtime: {e}"))?
+                .worker_threads(workers)
+                .thread_name(format!("{engine}-engine"))
+                .enable_all()
+                .build()
+                .map(Some)
+                .map_err(|e| format!("{engine} runtime: {e}"))
+        };
+        Ok(Self {
+            runtimes: [
+                build(EngineId::Vector, 1)?,
+                build(EngineId::Timeseries, 1)?,
+                build(EngineId::Query, 2)?,
+            ],
+        })
+    }
+
+    fn get(&self, i: usize) -> &tokio::runtime::Handle {
+        self.runtimes[i].as_ref().expect("live until drop").handle()
+    }
+
+    fn vector(&self) -> &tokio::runtime::Handle {
+        self.get(0)
+    }
+
+    fn timeseries(&self) -> &tokio::runtime::Handle {
+        self.get(1)
+    }
+
+    fn query(&self) -> &tokio::runtime::Handle {
+        self.get(2)
+    }
+}
+
+impl Drop for EngineRuntimes {
+    fn drop(&mut self) {
+        for rt in self.runtimes.iter_mut().filter_map(Option::take) {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// Runs the workload and reports; `Err` only for set-up failures (temp dir, engine start).
@@ -388,6 +480,10 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
         )
         .map_err(|e| format!("RSS monitor: {e}"))?;
 
+    // Each engine on its own runtime whose threads allocate from the engine's jemalloc arena,
+    // so the RSS monitor can compare what each engine really allocated with what it reserved.
+    let runtimes = EngineRuntimes::new(&governor)?;
+
     // The sampler: every engine's grant against its limit, and real RSS against the ceiling.
     let stop = Arc::new(AtomicBool::new(false));
     let failures = Arc::new(Mutex::new(Vec::<String>::new()));
@@ -440,25 +536,29 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
         .collect::<Result<_, _>>()?;
     {
         let (cache, ids, cfg) = (cache.clone(), ids.clone(), config.clone());
-        tokio::task::spawn_blocking(move || -> Result<(), String> {
-            for (s, id) in ids.iter().enumerate() {
-                cache.create_segment(id).map_err(|e| e.to_string())?;
-                for v in 0..cfg.vectors_per_segment {
-                    let seed = (s * cfg.vectors_per_segment + v) as u64;
-                    insert_with_retry(&cache, id, v, &vector(seed, cfg.dim))?;
+        runtimes
+            .vector()
+            .spawn_blocking(move || -> Result<(), String> {
+                for (s, id) in ids.iter().enumerate() {
+                    cache.create_segment(id).map_err(|e| e.to_string())?;
+                    for v in 0..cfg.vectors_per_segment {
+                        let seed = (s * cfg.vectors_per_segment + v) as u64;
+                        insert_with_retry(&cache, id, v, &vector(seed, cfg.dim))?;
+                    }
+                    cache.persist(id).map_err(|e| e.to_string())?;
                 }
-                cache.persist(id).map_err(|e| e.to_string())?;
-            }
-            cache.pin(&ids[0]).map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(|e| e.to_string())??;
+                cache.pin(&ids[0]).map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| e.to_string())??;
     }
 
     // --- the three engines at once -----------------------------------------------------
     let searches = {
         let (cache, cfg) = (cache.clone(), config.clone());
-        tokio::task::spawn_blocking(move || vector_searches(&cache, &cfg))
+        runtimes
+            .vector()
+            .spawn_blocking(move || vector_searches(&cache, &cfg))
     };
     let progress = Arc::new(AtomicUsize::new(0));
     let ingest = {
@@ -468,7 +568,9 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
             dir.path().join("timeseries"),
             progress.clone(),
         );
-        tokio::spawn(async move { timeseries_ingest(governor, &cfg, path, &progress).await })
+        runtimes
+            .timeseries()
+            .spawn(async move { timeseries_ingest(governor, &cfg, path, &progress).await })
     };
     let dropper = config.drops.map(|drops| {
         let (governor, progress) = (governor.clone(), progress.clone());
@@ -477,7 +579,9 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
     });
     let sql = {
         let (governor, cfg, path) = (governor.clone(), config.clone(), dir.path().join("spill"));
-        tokio::spawn(async move { sql_group_by(governor, &cfg, path).await })
+        runtimes
+            .query()
+            .spawn(async move { sql_group_by(governor, &cfg, path).await })
     };
     let mut report = WorkloadReport {
         ceiling: config.ceiling,
@@ -564,6 +668,23 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
                 "after the ceiling drop to {} the books stayed {} over it",
                 human_bytes(d.to),
                 human_bytes(d.outcome.still_over)
+            ));
+        }
+    }
+    report.engine_allocations = snapshot
+        .engines
+        .iter()
+        .filter(|e| e.configured)
+        .filter_map(|e| e.allocation.map(|a| (e.engine, a)))
+        .collect();
+    for (engine, allocation) in &report.engine_allocations {
+        let limit = governor.limit(*engine);
+        if allocation.peak_allocated > limit + allocated_tolerance(limit) {
+            failures.push(format!(
+                "{engine}'s arena peaked at {} allocated, over its limit {} + {} tolerance",
+                human_bytes(allocation.peak_allocated),
+                human_bytes(limit),
+                human_bytes(allocated_tolerance(limit))
             ));
         }
     }
