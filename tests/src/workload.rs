@@ -929,3 +929,76 @@ async fn sql_group_by(
     }
     Ok(done)
 }
+
+impl WorkloadReport {
+    /// The whole report as JSON, for scripts that compare runs: counts, peaks per engine
+    /// (with the arena's figures where there are any), the drops and the failures.
+    pub fn to_json(&self) -> serde_json::Value {
+        let engines: Vec<serde_json::Value> = self
+            .engine_peaks
+            .iter()
+            .map(|(engine, limit, peak)| {
+                let arena = self
+                    .engine_allocations
+                    .iter()
+                    .find(|(e, _)| e == engine)
+                    .map(|(_, a)| {
+                        serde_json::json!({
+                            "peak_allocated": a.peak_allocated,
+                            "peak_drift": a.peak_drift,
+                            "low_drift": a.low_drift,
+                            "alarms": a.alarms,
+                        })
+                    });
+                serde_json::json!({
+                    "engine": engine.to_string(),
+                    "limit": limit,
+                    "peak_reserved": peak,
+                    "arena": arena,
+                })
+            })
+            .collect();
+        let drops: Vec<serde_json::Value> = self
+            .drops
+            .iter()
+            .map(|d| {
+                serde_json::json!({
+                    "from": d.from,
+                    "to": d.to,
+                    "over": d.over,
+                    "drained": d.outcome.drained,
+                    "still_over": d.outcome.still_over,
+                    "timed_out": d.outcome.timed_out,
+                    "drain_seconds": d.drain_time.as_secs_f64(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "passed": self.passed(),
+            "failures": self.failures,
+            "elapsed_seconds": self.elapsed.as_secs_f64(),
+            "searches_done": self.searches_done,
+            "points_ingested": self.points_ingested,
+            "points_verified": self.points_verified,
+            "ingest_throttles": self.ingest_throttles,
+            "queries_done": self.queries_done,
+            "peak_rss": self.peak_rss,
+            "kernel_peak_rss": self.kernel_peak_rss,
+            "peak_booked": self.peak_booked,
+            "ceiling": self.ceiling,
+            "ceiling_source": self.ceiling_source,
+            "ceiling_changes": self.ceiling_changes,
+            "final_ceiling": self.final_ceiling,
+            "samples": self.samples,
+            "engines": engines,
+            "drops": drops,
+            "monitor": {
+                "emergencies": self.monitor.emergencies,
+                "reclaims": self.monitor.reclaims,
+                "floor_reclaims": self.monitor.floor_reclaims,
+                "reclaimed_bytes": self.monitor.reclaimed_bytes,
+                "purges": self.monitor.purges,
+            },
+        })
+    }
+}
