@@ -143,6 +143,7 @@ mod consumers;
 mod ext;
 mod options;
 mod pool;
+mod query;
 
 pub use consumers::ConsumerMetrics;
 pub use ext::{GovernorExt, is_governed, set_query_memory_limit};
@@ -151,6 +152,7 @@ pub use options::{
     PoolOptions,
 };
 pub use pool::{GovernedMemoryPool, PoolStats};
+pub use query::{GovernedQuery, GovernedQueryBuilder};
 
 #[cfg(test)]
 mod tests;
