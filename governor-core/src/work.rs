@@ -119,7 +119,8 @@ impl WorkSpec {
     }
 
     /// Called once, on a thread of its own, when the unit is aborted: stop the work and drop
-    /// its memory. It may block or panic without harm to the governor.
+    /// its memory. It may block or panic without harm to the governor. It is dropped without
+    /// being called when the [`WorkHandle`] is dropped first, so it may own the unit's tokens.
     #[must_use]
     pub fn on_abort(mut self, callback: impl FnOnce(&MemError) + Send + 'static) -> Self {
         self.on_abort = Some(Box::new(callback));
@@ -342,6 +343,11 @@ impl Drop for WorkHandle {
     fn drop(&mut self) {
         let id = self.unit.at.id;
         self.governor.work.units.lock().retain(|u| u.at.id != id);
+        // An unregistered unit is never aborted, so its callback will not run. Dropping it
+        // now matters: a callback usually owns what the unit holds (its tokens), and those
+        // tokens keep the unit alive, a cycle that would otherwise keep the memory forever.
+        let callback = self.unit.on_abort.lock().take();
+        drop(callback);
     }
 }
 
