@@ -3,6 +3,7 @@
 //! `cargo run -p tests --bin mixed_workload [-- --small] [-- --prometheus]`; exits non-zero
 //! when any engine exceeded its budget, RSS passed the ceiling, or any work did not complete.
 
+use tests::runaway::{RunawayConfig, run_runaway};
 use tests::workload::{WorkloadConfig, run};
 
 #[global_allocator]
@@ -27,9 +28,23 @@ async fn main() -> std::process::ExitCode {
              --ceiling-mib N  a different global ceiling (engine budgets unchanged)\n  \
              --keep-floors    the RSS monitor never reclaims below engines' floors\n  \
              --monitor-ms N   the RSS monitor's sampling interval (default 100)\n  \
-             --prometheus     print the final metrics"
+             --prometheus     print the final metrics\n  \
+             --scenario runaway [--no-abort]  an unspillable query that would starve ingest of its\n                   \
+             floor, aborted for it (or, with --no-abort, not)"
         );
         return std::process::ExitCode::SUCCESS;
+    }
+    if let Some(i) = args.iter().position(|a| a == "--scenario") {
+        return match args.get(i + 1).map(String::as_str) {
+            Some("runaway") => {
+                let aborts = !args.iter().any(|a| a == "--no-abort");
+                runaway(aborts, args.iter().any(|a| a == "--prometheus")).await
+            }
+            other => {
+                eprintln!("unknown scenario {other:?}; the one there is: runaway");
+                std::process::ExitCode::from(2)
+            }
+        };
     }
     let mut config = if args.iter().any(|a| a == "--small") {
         WorkloadConfig::small()
@@ -75,6 +90,29 @@ async fn main() -> std::process::ExitCode {
         }
         Err(e) => {
             eprintln!("mixed workload could not start: {e}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+/// The runaway scenario (see `tests::runaway`).
+async fn runaway(aborts: bool, prometheus: bool) -> std::process::ExitCode {
+    let config = RunawayConfig::small(aborts);
+    println!("running the runaway scenario: {config:?}");
+    match run_runaway(config).await {
+        Ok(report) => {
+            print!("{}", report.summary());
+            if prometheus {
+                print!("{}", report.prometheus);
+            }
+            if report.passed() {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("runaway scenario could not start: {e}");
             std::process::ExitCode::from(2)
         }
     }
