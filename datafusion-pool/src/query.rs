@@ -23,41 +23,6 @@
 //! weighs. Queries run without a `GovernedQuery` are never aborted: the governor cannot stop
 //! what it cannot name, and an owner waiting for its floor then times out with an error that
 //! says who borrowed it and which reclaims failed.
-//!
-//! # Example
-//!
-//! ```
-//! use std::time::Duration;
-//! use datafusion::execution::runtime_env::RuntimeEnvBuilder;
-//! use datafusion::prelude::{SessionConfig, SessionContext};
-//! use datafusion_pool::{GovernedQuery, GovernorExt};
-//! use governor_core::{EngineBudget, EngineId, GovernorConfig, MemoryGovernor, mib};
-//!
-//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let governor = MemoryGovernor::new(
-//!     GovernorConfig::builder()
-//!         .global_ceiling(mib(256))
-//!         .engine(EngineId::Query, EngineBudget::new(mib(256)))
-//!         .engine(EngineId::Timeseries, EngineBudget::new(mib(128)).with_floor(mib(128)))
-//!         .build()?,
-//! )?;
-//! let runtime = RuntimeEnvBuilder::new().with_memory_pool(governor.pool()).build_arc()?;
-//! let ctx = SessionContext::new_with_config_rt(SessionConfig::new(), runtime);
-//!
-//! let query = GovernedQuery::builder("nightly report")
-//!     .priority(10)
-//!     .redo_cost(Duration::from_secs(30))
-//!     .build(&ctx)?;
-//! let rows = tokio::runtime::Runtime::new()?.block_on(async {
-//!     query.collect(ctx.sql("SELECT 1 + 1 AS two").await?).await
-//! })?;
-//! assert_eq!(rows[0].num_rows(), 1);
-//! // Had the timeseries engine needed its floor back while the query held it, the query's
-//! // stream would have ended with `MemError::Aborted` and its memory gone back at once.
-//! assert!(query.work().abort_error().is_none());
-//! # Ok(())
-//! # }
-//! ```
 
 use std::fmt;
 use std::pin::Pin;
@@ -148,7 +113,8 @@ impl GovernedQueryBuilder {
 }
 
 /// One query registered with the governor as a unit of work it may abort to give an engine
-/// its lent floor back (see the [module docs](self)).
+/// its lent floor back: the governed way to run a DataFusion query (how it works:
+/// `datafusion-pool/src/query.rs`).
 ///
 /// Run the query's plan through [`execute`](Self::execute) (a stream) or
 /// [`collect`](Self::collect); the stream ends with `MemError::Aborted` (as
@@ -156,6 +122,41 @@ impl GovernedQueryBuilder {
 /// dropped at that moment, so their memory comes back even while nobody polls the stream.
 /// The query stays registered while the `GovernedQuery`, its streams or its operators'
 /// reservations live.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+/// use datafusion::prelude::{SessionConfig, SessionContext};
+/// use datafusion_pool::{GovernedQuery, GovernorExt};
+/// use governor_core::{EngineBudget, EngineId, GovernorConfig, MemoryGovernor, mib};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let governor = MemoryGovernor::new(
+///     GovernorConfig::builder()
+///         .global_ceiling(mib(256))
+///         .engine(EngineId::Query, EngineBudget::new(mib(256)))
+///         .engine(EngineId::Timeseries, EngineBudget::new(mib(128)).with_floor(mib(128)))
+///         .build()?,
+/// )?;
+/// let runtime = RuntimeEnvBuilder::new().with_memory_pool(governor.pool()).build_arc()?;
+/// let ctx = SessionContext::new_with_config_rt(SessionConfig::new(), runtime);
+///
+/// let query = GovernedQuery::builder("nightly report")
+///     .priority(10)
+///     .redo_cost(Duration::from_secs(30))
+///     .build(&ctx)?;
+/// let rows = tokio::runtime::Runtime::new()?.block_on(async {
+///     query.collect(ctx.sql("SELECT 1 + 1 AS two").await?).await
+/// })?;
+/// assert_eq!(rows[0].num_rows(), 1);
+/// // Had the timeseries engine needed its floor back while the query held it, the query's
+/// // stream would have ended with `MemError::Aborted` and its memory gone back at once.
+/// assert!(query.work().abort_error().is_none());
+/// # Ok(())
+/// # }
+/// ```
 pub struct GovernedQuery {
     work: Arc<WorkHandle>,
     runtime: Arc<RuntimeEnv>,

@@ -4,7 +4,7 @@
 //! The query is a hash join whose build side cannot spill, read by a slow client, so it holds
 //! what it built for as long as the client takes. Once it holds part of the timeseries floor,
 //! a bulk ingest starts. With aborts on, the query runs as a
-//! [`GovernedQuery`](datafusion_pool::GovernedQuery): ingest's entitled request aborts it and
+//! [`datafusion_pool::GovernedQuery`]: ingest's entitled request aborts it and
 //! gets its floor back after one bounded wait; the query is lost (the summary shows the abort
 //! and the governor's story). With aborts off the same query runs unregistered: ingest stalls
 //! (each append waits, is throttled and retried) until the query finishes on its own. The
