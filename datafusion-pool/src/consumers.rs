@@ -19,6 +19,8 @@ use datafusion::common::HashMap;
 use governor_core::{ConsumerSnapshot, ConsumerStatsSource, EngineId, ReservationToken};
 use parking_lot::{Mutex, RwLock};
 
+use crate::policy::SORT_MERGE_PREFIX;
+
 /// Upper bound on the number of distinct consumer names remembered after their consumers
 /// are gone. DataFusion names are per operator and partition (`ExternalSorter[3]`), so the
 /// set is small in practice; the cap only protects the metrics exporter from a caller that
@@ -43,6 +45,12 @@ pub(crate) struct Consumer {
     pub(crate) overcommit: AtomicUsize,
     pub(crate) peak: AtomicUsize,
     pub(crate) denials: AtomicU64,
+    /// A sort's merge reservation (see [`SORT_MERGE_PREFIX`]): what it gives back while
+    /// its sort spills is kept for it.
+    pub(crate) is_sort_merge: bool,
+    /// The bytes of its first reservation, for a sort's merge reservation: what it will ask
+    /// for again after each spill. 0 until it first reserves.
+    pub(crate) first_reservation: AtomicUsize,
     /// Set when the consumer unregisters, so a thread's cached entry is not used after.
     removed: AtomicBool,
 }
@@ -54,10 +62,13 @@ impl Consumer {
         can_spill: bool,
         token: Option<ReservationToken>,
     ) -> Self {
+        let is_sort_merge = !can_spill && name.starts_with(SORT_MERGE_PREFIX);
         Self {
             id,
             name,
             can_spill,
+            is_sort_merge,
+            first_reservation: AtomicUsize::new(0),
             token: Mutex::new(token),
             reserved: AtomicUsize::new(0),
             overcommit: AtomicUsize::new(0),

@@ -11,8 +11,8 @@
 //! idle engines are not using and gives it back when they need it, under one global ceiling.
 //! The built-in policies also have known failure modes, measured on 55.2:
 //! `GreedyMemoryPool` lets the first sort partition take everything so the second fails with
-//! nothing to spill; `FairSpillPool` divides by *all registered* spillers, idle ones included
-//! (apache/datafusion#22036), per reservation, and is not a hard limit (27–39 % over).
+//! nothing to spill; `FairSpillPool` is not a hard limit (27–39 % over) and lets a competitor
+//! take the merge reservation a spilling sort gave back for a moment.
 //!
 //! # The design
 //!
@@ -24,47 +24,44 @@
 //!                                       │ denials, overcommit              │   ReservationToken
 //!  HashJoinInput[1] ─────────────────►  └ one ReservationToken ────────────┴──► (engine Query)
 //!                                                                                     │
-//!   try_grow(n):  1. policy: spiller within its fair share, or above it while nobody
-//!                    starves?  unspillable: always                                   │
-//!                 2. token.try_grow(n): Query limit and global ceiling, atomically ◄─┘
-//!                 3. unspillable denied → governor.reclaim_for_blocking, then wait
-//!                    as starving (bounded by reclaim_wait), retry → else ResourcesExhausted
-//!   grow(n):      token.try_grow, else token.force_grow (booked as overcommit)
-//!   shrink(n):    token.shrink; overcommit paid back first
+//!   try_grow(r, n): 1. policy: a spilling reservation within its fair share of what the
+//!                      unspillable ones do not hold or are not owed; unspillable: always │
+//!                   2. token.try_grow(n): Query limit and global ceiling, atomically ◄──┘
+//!                   3. refused but entitled → other engines reclaim; this pool's spillers
+//!                      above their shares are refused (they spill) while it waits on
+//!                      releases, bounded by reclaim_wait → else ResourcesExhausted
+//!   grow(n):        token.try_grow, else token.force_grow (booked as overcommit)
+//!   shrink(n):      token.shrink; overcommit paid back first; waiters woken
 //! ```
 //!
+//! * **Never worse than `FairSpillPool`.** The admission rule and the argument that no query
+//!   `FairSpillPool` finishes at the same budget is failed by it — without relying on an
+//!   operator that may never call the pool again — are in [`policy`]. In short: a spilling
+//!   reservation gets at most `FairSpillPool`'s share (`(budget − unspillable) / registered
+//!   spillers`, judged per reservation), less what sorts' merge reservations are owed, so
+//!   the pool never lends one spiller's share to another; unspillable consumers get what
+//!   `FairSpillPool` gives them.
 //! * **The budget is dynamic.** Every decision reads the governor: `budget = reserved(Query) +
 //!   available(Query)`, the most the Query engine could hold at this instant. When other
 //!   engines are idle it is the Query *limit*; when they hold their floors it shrinks. The
 //!   governor's token is the only booking, so the Query engine never holds more than its
-//!   limit (a hard limit, unlike `FairSpillPool`) and the global ceiling holds.
-//! * **Fair among the active.** A spilling consumer's fair share is
-//!   `(budget − max(headroom, unspillable)) / active spillers`, where *active* means holding
-//!   memory or asking now, checked per consumer (all its reservations together), not per
-//!   reservation. Idle registered operators do not shrink anyone's share.
-//! * **Work-conserving.** Above its share a spiller may still take memory that nobody is
-//!   waiting for (a lone sort gets the whole spillable part, a finished partition's share is
-//!   not wasted). When a consumer is *starving* — an unspillable one denied, or a spiller
-//!   denied while within its share — every spiller above its share is denied on its next
-//!   request, which makes it spill, and the starving one waits (bounded) for that memory.
-//!   A consumer that holds nothing is never refused by the policy (it would have nothing to
-//!   spill and its query would fail), only by the governor's hard limits. So the second sort
-//!   partition no longer fails with nothing to spill, the way `GreedyMemoryPool` lets it.
-//! * **Headroom for those who cannot spill.** While any unspillable consumer is registered,
-//!   spillers never take the last
-//!   [`unspillable_headroom`](GovernedPoolBuilder::unspillable_headroom) of the budget
-//!   (default 20 %), so a hash-join build side or a sort's merge reservation growing late
-//!   still finds room (apache/datafusion#17334). DataFusion registers operators when they
-//!   start, before they grow, so the headroom is in place in time; a plan of spillable
-//!   aggregates alone is not made to spill early for nobody. Unspillable consumers
-//!   themselves are first-come, first-served up to the whole budget.
-//! * **Reclaim before failing.** When an unspillable consumer is denied anyway, the pool asks
-//!   the governor to reclaim from engines that borrowed beyond their floors
-//!   ([`MemoryGovernor::reclaim_for_blocking`]), then, if this pool's spillers hold memory,
-//!   shrinks their shares by the bytes wanted and counts as starving, so they spill. It
-//!   retries until [`reclaim_wait`](GovernedPoolBuilder::reclaim_wait) (500 ms) has passed
-//!   and only then fails. (`try_grow` is synchronous, so this wait blocks the worker thread;
-//!   it is bounded, and the alternative is failing the query.)
+//!   limit (a hard limit, unlike `FairSpillPool`, which lets spillers overshoot) and the
+//!   global ceiling holds.
+//! * **Merges keep what they reserved.** A sort reserves `sort_spill_reservation_bytes` for
+//!   its merge at its first batch, gives it back at the start of every spill and takes it
+//!   again after, failing the query if it cannot. The pool learns each merge reservation's
+//!   size from its first request and keeps it out of every spiller's share while it is owed
+//!   — the headroom is what the plan actually reserves, not a fixed fraction (an optional
+//!   extra fraction remains, 0 by default).
+//! * **Reclaim and wait on events, not on the clock.** When the governor refuses a request
+//!   the policy entitles, the pool asks engines that borrowed beyond their floors to give
+//!   memory back ([`MemoryGovernor::reclaim_for_blocking`]); then, if this pool's spillers
+//!   hold memory above their shares (or an unspillable consumer needs room they hold), it
+//!   counts as starving, which makes each of them be refused on its next request (its cue to
+//!   spill), and waits for their releases. The wait is bounded by
+//!   [`reclaim_wait`](GovernedPoolBuilder::reclaim_wait) (5 s) only to limit the damage of a
+//!   stuck plan, and is skipped on a current-thread runtime, where the holders cannot run
+//!   while `try_grow` blocks.
 //! * **Errors name the culprits.** `try_grow` fails with exactly
 //!   `DataFusionError::ResourcesExhausted` (aggregates spill only on that variant), and the
 //!   message names the consumer, the reason (fair share or the governor's refusal), the top
@@ -82,7 +79,9 @@
 //! * `memory_limit()` returns `MemoryLimit::Finite(current Query limit)`: with `Unknown` the
 //!   aggregate planner would pick streams that have no memory-limited path.
 //! * `register`/`unregister` see each consumer once; `split`/`new_empty` reservations share
-//!   that registration and therefore one fair share.
+//!   that registration. Like `FairSpillPool`, the share is judged per reservation (an
+//!   aggregate replaying its spills holds a merge and a table under one registration and
+//!   needs both); while a consumer starves, each one is also judged as a whole.
 //! * `shrink` beyond what a consumer holds (a caller bug) is clamped and counted in
 //!   [`PoolStats::over_released`]; the books never underflow.
 //!
@@ -142,8 +141,10 @@
 mod consumers;
 mod ext;
 mod options;
+pub mod policy;
 mod pool;
 mod query;
+mod wait;
 
 pub use consumers::ConsumerMetrics;
 pub use ext::{GovernorExt, is_governed, set_query_memory_limit};

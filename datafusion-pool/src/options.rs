@@ -11,10 +11,15 @@ use governor_core::{MemError, MemoryGovernor};
 
 use crate::pool::GovernedMemoryPool;
 
-/// Default share of the Query budget kept free for consumers that cannot spill.
-pub const DEFAULT_UNSPILLABLE_HEADROOM: f64 = 0.2;
-/// Default bound on how long a denied unspillable consumer waits for memory to be reclaimed.
-pub const DEFAULT_RECLAIM_WAIT: Duration = Duration::from_millis(500);
+/// Default share of the Query budget kept free for consumers that cannot spill, beyond what
+/// they hold and what sorts' merge reservations are owed: none. The policy keeps exactly what
+/// is known to be needed (see the crate's `policy` module); a fixed fraction either starves
+/// spillers for nobody or is too small for the merge that needs it.
+pub const DEFAULT_UNSPILLABLE_HEADROOM: f64 = 0.0;
+/// Default bound on how long an entitled request waits for memory: it waits on events (a
+/// release in the pool, the end of a reclaim), so the bound only limits the damage of a stuck
+/// plan and is generous enough for a loaded machine.
+pub const DEFAULT_RECLAIM_WAIT: Duration = Duration::from_secs(5);
 /// Default number of consumers named in a `ResourcesExhausted` message.
 pub const DEFAULT_TOP_CONSUMERS: usize = 5;
 
@@ -98,9 +103,11 @@ impl GovernedPoolBuilder {
         }
     }
 
-    /// Fraction (0.0 ..= 0.9) of the Query budget that spillable consumers may not take, so
-    /// that a late unspillable consumer (a hash-join build side, a sort's merge reservation)
-    /// still finds room after a greedy sort or aggregate has grown. Default 0.2.
+    /// Fraction (0.0 ..= 0.9) of the Query limit that spillable consumers may not take while an
+    /// unspillable consumer is registered, so that a late unspillable consumer (a hash-join
+    /// build side) still finds room after sorts and aggregates have taken their shares.
+    /// Default 0: sorts' merge reservations are kept for exactly what they reserved without
+    /// it, and a hash join gets what `FairSpillPool` would give it.
     ///
     /// Unspillable consumers are not limited by it: they may use the whole budget.
     #[must_use]
@@ -109,9 +116,11 @@ impl GovernedPoolBuilder {
         self
     }
 
-    /// How long (at most 30 s) a denied *unspillable* consumer may wait while the governor
-    /// reclaims memory from engines that borrowed it and this pool's spillable consumers
-    /// spill. Default 500 ms. `Duration::ZERO` still asks once, without waiting.
+    /// How long (at most 30 s) a request the policy entitles may wait, when the governor
+    /// refuses it, while engines that borrowed memory give it back and this pool's consumers
+    /// above their shares spill. It waits on those events; the bound only limits the damage of
+    /// a stuck plan. Default 5 s. `Duration::ZERO` still asks other engines once, without
+    /// waiting.
     #[must_use]
     pub fn reclaim_wait(mut self, wait: Duration) -> Self {
         self.options.reclaim_wait = wait;

@@ -1,15 +1,18 @@
 //! [`GovernedMemoryPool`]: DataFusion's `MemoryPool` trait answered by the governor.
 //!
-//! Every decision is two questions. First the pool's own policy: may *this consumer* have
-//! more (fair share for spillers, nothing extra for unspillable ones)? Then the governor:
-//! does the Query engine have the bytes under its limit and the global ceiling? Only when both
-//! say yes does the consumer's [`ReservationToken`] grow, so the governor's books and
-//! DataFusion's agree at every instant.
+//! Every decision is two questions. First the pool's own policy ([`crate::policy`]): may
+//! *this reservation* have more (its fair share for spillers, nothing extra for unspillable
+//! ones)? Then the governor: does the Query engine have the bytes under its limit and the
+//! global ceiling? Only when both say yes does the consumer's [`ReservationToken`] grow, so
+//! the governor's books and DataFusion's agree at every instant. When the governor says no
+//! to a request the policy entitles, the slow path ([`GovernedMemoryPool::grow_slow`]) asks
+//! other engines to give memory back and waits, on events and bounded, for this pool's
+//! consumers above their shares to spill.
 
 use std::fmt::{self, Display, Formatter};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use datafusion::common::{DataFusionError, Result};
 use datafusion::execution::memory_pool::{
@@ -21,6 +24,8 @@ use governor_core::{
 
 use crate::consumers::{Consumer, ConsumerMetrics, Registry, StatsSource};
 use crate::options::{GovernedPoolBuilder, PoolOptions};
+use crate::policy::{Inputs, Share, merge_owed};
+use crate::wait::ReleaseSignal;
 
 /// The engine every governed pool books against.
 const ENGINE: EngineId = EngineId::Query;
@@ -53,11 +58,17 @@ pub struct GovernedMemoryPool {
     /// Bytes unspillable consumers are waiting for; spillers' shares shrink by this much so
     /// that they spill and make room.
     pending_unspillable: AtomicUsize,
+    /// Bytes sorts' merge reservations gave back while spilling and will take again (`K` of
+    /// the policy, with `pending_unspillable`).
+    kept_merges: AtomicUsize,
     /// Consumers waiting for memory that is theirs by right (unspillable ones, or spillers
-    /// under their fair share). While any wait, no spiller may exceed its share.
+    /// within their fair share). While any wait, every consumer is judged as a whole against
+    /// the share, so one holding several reservations spills too.
     starving: AtomicUsize,
-    /// Spillable consumers holding memory: the "active" ones fair shares are computed over.
-    active_spillers: AtomicUsize,
+    /// Registered spilling consumers (`n` of the policy), idle ones included.
+    spillers: AtomicUsize,
+    /// Signalled when this pool's consumers give bytes back; waiters sleep on it.
+    release: ReleaseSignal,
     /// Registered consumers that cannot spill; the headroom is kept only while there are any.
     unspillable_consumers: AtomicUsize,
     /// The Query budget as last read from the governor, and calls since (see `budget`).
@@ -69,6 +80,7 @@ pub struct GovernedMemoryPool {
     over_released: AtomicUsize,
     reclaim_requests: AtomicU64,
     reclaimed: AtomicUsize,
+    waits: AtomicU64,
     /// Unregisters the metrics source from the governor when the pool is dropped.
     _stats: StatsSourceHandle,
 }
@@ -93,22 +105,21 @@ pub struct PoolStats {
     /// Bytes `shrink` was asked to release beyond what the consumer held (a caller bug the
     /// pool absorbed instead of underflowing its books).
     pub over_released: usize,
-    /// Times an unspillable consumer's denial made the pool ask the governor to reclaim.
+    /// Times an entitled request the governor refused made the pool ask other engines that
+    /// borrowed memory to give it back.
     pub reclaim_requests: u64,
     /// Bytes the governor reported freed by those reclaims.
     pub reclaimed: usize,
-}
-
-/// A spiller's fair share and what it was computed from.
-struct Share {
-    per_consumer: usize,
-    active: usize,
-    spillable_budget: usize,
+    /// Bytes kept out of spillers' shares for sorts' merge reservations that gave them back
+    /// while spilling.
+    pub kept: usize,
+    /// Entitled requests that waited for this pool's consumers to spill.
+    pub waits: u64,
 }
 
 /// Why a `try_grow` was refused; rendered into the `ResourcesExhausted` message.
 enum Denial {
-    FairShare { share: usize, active: usize },
+    FairShare(Share),
     Governor(MemError),
     NotConfigured,
 }
@@ -136,8 +147,10 @@ impl GovernedMemoryPool {
             reserved: AtomicUsize::new(0),
             unspillable: AtomicUsize::new(0),
             pending_unspillable: AtomicUsize::new(0),
+            kept_merges: AtomicUsize::new(0),
             starving: AtomicUsize::new(0),
-            active_spillers: AtomicUsize::new(0),
+            spillers: AtomicUsize::new(0),
+            release: ReleaseSignal::default(),
             unspillable_consumers: AtomicUsize::new(0),
             budget_cache: AtomicUsize::new(0),
             budget_ticks: AtomicUsize::new(0),
@@ -147,6 +160,7 @@ impl GovernedMemoryPool {
             over_released: AtomicUsize::new(0),
             reclaim_requests: AtomicU64::new(0),
             reclaimed: AtomicUsize::new(0),
+            waits: AtomicU64::new(0),
             _stats: stats,
         }
     }
@@ -174,6 +188,8 @@ impl GovernedMemoryPool {
             over_released: self.over_released.load(Ordering::Relaxed),
             reclaim_requests: self.reclaim_requests.load(Ordering::Relaxed),
             reclaimed: self.reclaimed.load(Ordering::Relaxed),
+            kept: self.kept_merges.load(Ordering::Relaxed),
+            waits: self.waits.load(Ordering::Relaxed),
         }
     }
 
@@ -184,36 +200,29 @@ impl GovernedMemoryPool {
         v
     }
 
-    /// The most a spillable consumer may hold right now, when memory is contended.
+    /// The share of every spilling reservation right now, per [`crate::policy`].
     ///
     /// `budget` is what the Query engine could hold in total at this instant: its own
     /// reservations plus what the governor would still grant (the smaller of the room under
-    /// its limit and the room under the ceiling). Unspillable consumers come first — at least
-    /// the headroom is kept for them, more if they already hold more or are waiting for
-    /// more — and the rest (the *spillable budget*) is split evenly among the spillers that
-    /// hold memory, counting the asking one. Idle registered spillers do not count (unlike
-    /// `FairSpillPool`, apache/datafusion#22036), so a lone sort gets the whole spillable part.
-    fn spill_share(&self, consumer_reserved: usize, fresh: bool) -> Share {
-        let budget = self.budget(fresh);
-        let headroom = self.headroom();
-        let unspillable = self.unspillable.load(Ordering::Relaxed)
-            + self.pending_unspillable.load(Ordering::Relaxed);
-        let spillable_budget = budget.saturating_sub(headroom.max(unspillable));
-        let active = (self.active_spillers.load(Ordering::Relaxed)
-            + usize::from(consumer_reserved == 0))
-        .max(1);
-        Share {
-            per_consumer: spillable_budget / active,
-            active,
-            spillable_budget,
+    /// its limit and the room under the ceiling). What unspillable consumers hold, are owed
+    /// (sorts' merge reservations re-taken after a spill) or wait for comes first; the rest
+    /// is split evenly among all *registered* spillers, as `FairSpillPool` does, so an idle
+    /// spiller's share is never lent to another one that might keep it without calling again.
+    fn share(&self, fresh: bool) -> Share {
+        Inputs {
+            budget: self.budget(fresh),
+            unspillable: self.unspillable.load(Ordering::Relaxed),
+            kept: self.kept_merges.load(Ordering::Relaxed)
+                + self.pending_unspillable.load(Ordering::Relaxed),
+            headroom: self.headroom(),
+            spillers: self.spillers.load(Ordering::Relaxed),
         }
+        .share()
     }
 
-    /// Bytes kept free of spillers for unspillable consumers: the configured fraction of the
-    /// Query limit while any unspillable consumer is registered, nothing otherwise. DataFusion
-    /// registers a consumer when its operator starts, before it asks for memory, so a plan
-    /// with a hash join or a sort has its headroom in place before the build side grows,
-    /// while a plan of only spillable aggregates is not made to spill early for nobody.
+    /// The configured headroom (`H` of the policy): the configured fraction of the Query
+    /// limit while any unspillable consumer is registered, nothing otherwise (the default
+    /// fraction is 0: what sorts' merges need is kept exactly, see [`crate::policy`]).
     fn headroom(&self) -> usize {
         if self.unspillable_consumers.load(Ordering::Relaxed) == 0 {
             return 0;
@@ -263,7 +272,9 @@ impl GovernedMemoryPool {
 
     /// Called by the registry only when `c` is actually inserted.
     fn new_consumer(&self, c: &MemoryConsumer) -> Consumer {
-        if !c.can_spill() {
+        if c.can_spill() {
+            self.spillers.fetch_add(1, Ordering::Relaxed);
+        } else {
             self.unspillable_consumers.fetch_add(1, Ordering::Relaxed);
         }
         let token = self
@@ -284,12 +295,28 @@ impl GovernedMemoryPool {
             c.peak.store(before + bytes, Ordering::Relaxed);
         }
         self.reserved.fetch_add(bytes, Ordering::Relaxed);
-        if c.can_spill {
-            if before == 0 && bytes > 0 {
-                self.active_spillers.fetch_add(1, Ordering::Relaxed);
-            }
-        } else {
+        if !c.can_spill {
             self.unspillable.fetch_add(bytes, Ordering::Relaxed);
+            if c.is_sort_merge {
+                if c.first_reservation.load(Ordering::Relaxed) == 0 {
+                    // Its first reservation: from now on it is owed what it took.
+                    c.first_reservation.store(before + bytes, Ordering::Relaxed);
+                } else {
+                    self.move_kept(c, before, before + bytes);
+                }
+            }
+        }
+    }
+
+    /// Follows what a sort's merge reservation is owed as it goes from `before` to `after`
+    /// bytes (called under its token mutex).
+    fn move_kept(&self, c: &Consumer, before: usize, after: usize) {
+        let first = c.first_reservation.load(Ordering::Relaxed);
+        let (was, is) = (merge_owed(first, before), merge_owed(first, after));
+        if is > was {
+            self.kept_merges.fetch_add(is - was, Ordering::Relaxed);
+        } else if was > is {
+            self.kept_merges.fetch_sub(was - is, Ordering::Relaxed);
         }
     }
 
@@ -298,12 +325,11 @@ impl GovernedMemoryPool {
         let before = c.reserved.load(Ordering::Relaxed);
         c.reserved.store(before - bytes, Ordering::Relaxed);
         self.reserved.fetch_sub(bytes, Ordering::Relaxed);
-        if c.can_spill {
-            if before == bytes && bytes > 0 {
-                self.active_spillers.fetch_sub(1, Ordering::Relaxed);
-            }
-        } else {
+        if !c.can_spill {
             self.unspillable.fetch_sub(bytes, Ordering::Relaxed);
+            if c.is_sort_merge {
+                self.move_kept(c, before, before - bytes);
+            }
         }
         // Overcommitted bytes are paid back first: once the consumer is under budget again the
         // metric should say so. The common case (no overcommit) costs one load.
@@ -315,109 +341,145 @@ impl GovernedMemoryPool {
         }
     }
 
-    /// Grows `token` for an unspillable consumer that was denied: first the governor reclaims
-    /// from engines that borrowed beyond their floors, then — if this pool's spillers hold
-    /// memory — their fair shares shrink by `bytes` so that their next `try_grow` is denied
-    /// and they spill. Bounded by `reclaim_wait`; blocking is acceptable here because
-    /// DataFusion's `try_grow` is synchronous and the alternative is failing the query.
-    fn grow_unspillable_slow(
-        &self,
-        token: &mut ReservationToken,
-        bytes: usize,
-        first: &MemError,
-    ) -> Result<(), MemError> {
-        let deadline = Instant::now() + self.options.reclaim_wait;
-        self.reclaim_requests.fetch_add(1, Ordering::Relaxed);
-        let outcome = self
-            .governor
-            .reclaim_for_blocking(ENGINE, bytes, self.options.reclaim_wait);
-        self.reclaimed.fetch_add(outcome.freed, Ordering::Relaxed);
-        let last = match token.try_grow(bytes) {
-            Ok(()) => return Ok(()),
-            Err(e) => e,
-        };
-        if self.spillable_reserved() == 0 || !first.is_denial() {
-            return Err(last);
-        }
-        self.pending_unspillable.fetch_add(bytes, Ordering::Relaxed);
-        let result = self.wait_for_room(token, bytes, deadline, last);
-        self.pending_unspillable.fetch_sub(bytes, Ordering::Relaxed);
-        result
+    /// Bytes this pool's spilling consumers other than `except` hold above `share`: what a
+    /// starving consumer can hope they spill.
+    fn held_above_share(&self, except: usize, share: usize) -> usize {
+        self.registry
+            .live()
+            .iter()
+            .filter(|o| o.can_spill && o.id != except)
+            .map(|o| o.reserved().saturating_sub(share))
+            .sum()
     }
 
-    /// Retries `token.try_grow(bytes)` until `deadline` while counted as starving, which
-    /// makes every spiller above its fair share be denied (and so spill) on its next request.
-    fn wait_for_room(
+    /// Whether blocking this thread can let this pool's other consumers make progress: not on
+    /// a current-thread runtime, whose only thread is the one that would block.
+    fn may_wait_for_consumers() -> bool {
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread,
+            // A plain thread (a test, a custom executor): other threads drive the consumers.
+            Err(_) => true,
+        }
+    }
+
+    fn on_multi_thread_runtime() -> bool {
+        tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+    }
+
+    /// The slow path of a request the policy entitles but the governor refused (`first`).
+    ///
+    /// 1. Engines that borrowed beyond their floors are asked to give memory back; their
+    ///    reclaimers run on the governor's runtime, so this needs nothing from DataFusion.
+    /// 2. If this pool's spillers hold memory above their shares, or an unspillable consumer
+    ///    needs room they hold, the requester counts as starving (and an unspillable one's
+    ///    bytes are kept from every share), so each of them is refused on its next request and
+    ///    spills; the requester waits for those releases, bounded by `reclaim_wait`.
+    ///
+    /// A spiller that holds bytes of its own is not made to wait when nobody is above their
+    /// share: a denial is its cue to spill, which is faster than any wait.
+    fn grow_slow(
         &self,
+        c: &Consumer,
         token: &mut ReservationToken,
         bytes: usize,
-        deadline: Instant,
-        mut last: MemError,
+        first: MemError,
     ) -> Result<(), MemError> {
-        self.starving.fetch_add(1, Ordering::Relaxed);
-        let mut pause = Duration::from_micros(200);
-        let result = loop {
-            let now = Instant::now();
-            if now >= deadline {
-                break Err(last);
-            }
-            std::thread::sleep(pause.min(deadline - now));
-            pause = (pause * 2).min(Duration::from_millis(5));
+        if !first.is_denial() {
+            return Err(first);
+        }
+        let deadline = Instant::now() + self.options.reclaim_wait;
+        let borrowed_elsewhere = EngineId::ALL
+            .iter()
+            .filter(|&&e| e != ENGINE)
+            .any(|&e| self.governor.borrowed(e) > 0);
+        let mut last = first;
+        if borrowed_elsewhere {
+            self.reclaim_requests.fetch_add(1, Ordering::Relaxed);
+            let outcome =
+                self.governor
+                    .reclaim_for_blocking(ENGINE, bytes, self.options.reclaim_wait);
+            self.reclaimed.fetch_add(outcome.freed, Ordering::Relaxed);
             match token.try_grow(bytes) {
-                Ok(()) => break Ok(()),
+                Ok(()) => return Ok(()),
                 Err(e) => last = e,
             }
+        }
+        if !Self::may_wait_for_consumers() {
+            return Err(last);
+        }
+        let share = self.share(true);
+        let squeeze = if c.can_spill {
+            if self.held_above_share(c.id, share.per_reservation) == 0 {
+                return Err(last);
+            }
+            0
+        } else {
+            if self.spillable_reserved() == 0 {
+                return Err(last);
+            }
+            bytes
+        };
+        self.waits.fetch_add(1, Ordering::Relaxed);
+        self.pending_unspillable
+            .fetch_add(squeeze, Ordering::Relaxed);
+        self.starving.fetch_add(1, Ordering::Relaxed);
+        let mut wait = || {
+            self.release
+                .wait_until(deadline, || match token.try_grow(bytes) {
+                    Ok(()) => Some(()),
+                    Err(e) => {
+                        last = e;
+                        None
+                    }
+                })
+        };
+        // On a multi-thread runtime the worker's other tasks (among them, likely, the very
+        // spillers we wait for) move to another thread while this one blocks; outside a
+        // runtime this just runs the wait.
+        let granted = if Self::on_multi_thread_runtime() {
+            tokio::task::block_in_place(wait)
+        } else {
+            wait()
         };
         self.starving.fetch_sub(1, Ordering::Relaxed);
-        result
+        self.pending_unspillable
+            .fetch_sub(squeeze, Ordering::Relaxed);
+        granted.ok_or(last)
     }
 
-    /// The spillable half of `try_grow`; see the crate docs for the policy.
+    /// The spillable half of `try_grow`: (G1) of [`crate::policy`], judged per reservation
+    /// as `FairSpillPool` judges it, and per consumer as a whole while anyone starves.
     fn grow_spillable(
         &self,
         c: &Consumer,
         token: &mut ReservationToken,
+        reservation_size: usize,
         additional: usize,
     ) -> Result<(), Denial> {
-        let held = c.reserved();
-        // A consumer holding nothing has nothing to spill: a denial would fail its query (an
-        // empty sort partition, a partial aggregate that has not started). So the policy never
-        // refuses it; only the governor's hard limits can, and then it waits as below.
-        if held > 0 {
-            let s = self.spill_share(held, false);
-            if held + additional > s.per_consumer {
-                // Work-conserving: above its share a spiller may still use memory nobody is
-                // waiting for, but never the unspillable headroom, and never while another
-                // consumer is starving (then it must spill and give memory back).
-                let s = self.spill_share(held, true);
-                let over_budget = self.spillable_reserved() + additional > s.spillable_budget;
-                let contended = self.starving.load(Ordering::Relaxed) > 0;
-                if held + additional > s.per_consumer && (contended || over_budget) {
-                    return Err(Denial::FairShare {
-                        share: s.per_consumer,
-                        active: s.active,
-                    });
-                }
+        let over = |s: &Share| {
+            let mine = reservation_size.saturating_add(additional);
+            mine > s.per_reservation
+                || (self.starving.load(Ordering::Relaxed) > 0
+                    && c.reserved().saturating_add(additional) > s.per_reservation)
+        };
+        // A cached budget may grant; only a fresh one may refuse.
+        if over(&self.share(false)) {
+            let s = self.share(true);
+            // (E) of the policy: a reservation holding nothing cannot spill, so a refusal
+            // fails its query at once; it may take what the governor has while nobody starves.
+            let nothing_to_spill =
+                reservation_size == 0 && self.starving.load(Ordering::Relaxed) == 0;
+            if over(&s) && !nothing_to_spill {
+                return Err(Denial::FairShare(s));
             }
         }
-        let first = match token.try_grow(additional) {
-            Ok(()) => return Ok(()),
-            Err(e) => e,
-        };
-        // Entitled, but the memory is held by spillers above their shares: wait briefly for
-        // them to spill (they are denied while we wait) instead of failing a consumer that
-        // may have nothing to spill yet, like a sort partition that just started.
-        let s = self.spill_share(held, true);
-        let entitled = held == 0 || held + additional <= s.per_consumer;
-        let others_over =
-            self.spillable_reserved().saturating_sub(held) > s.per_consumer * (s.active - 1);
-        if entitled && others_over && first.is_denial() {
-            let deadline = Instant::now() + self.options.reclaim_wait / 10;
-            return self
-                .wait_for_room(token, additional, deadline, first)
-                .map_err(Denial::Governor);
+        match token.try_grow(additional) {
+            Ok(()) => Ok(()),
+            Err(first) => self
+                .grow_slow(c, token, additional, first)
+                .map_err(Denial::Governor),
         }
-        Err(Denial::Governor(first))
     }
 
     fn deny(&self, c: &Consumer, additional: usize, why: &Denial) -> DataFusionError {
@@ -451,15 +513,13 @@ impl GovernedMemoryPool {
             hs(c.reserved()),
         );
         match why {
-            Denial::FairShare { share, active } => {
+            Denial::FairShare(s) => {
                 let _ = write!(
                     m,
-                    "its fair share is {} ({active} active spilling consumers share the Query budget after {} kept for unspillable ones)",
-                    hs(*share),
-                    hs(self
-                        .unspillable
-                        .load(Ordering::Relaxed)
-                        .max(self.headroom())),
+                    "its fair share is {} ({} registered spilling consumers share the Query budget after {} held or kept for unspillable ones)",
+                    hs(s.per_reservation),
+                    s.spillers,
+                    hs(s.for_unspillable),
                 );
             }
             Denial::Governor(e) => {
@@ -521,7 +581,9 @@ impl MemoryPool for GovernedMemoryPool {
 
     fn unregister(&self, consumer: &MemoryConsumer) {
         if let Some(c) = self.registry.remove(consumer.id()) {
-            if !c.can_spill {
+            if c.can_spill {
+                self.spillers.fetch_sub(1, Ordering::Relaxed);
+            } else {
                 self.unspillable_consumers.fetch_sub(1, Ordering::Relaxed);
             }
             // DataFusion frees every reservation before the registration goes; if a caller
@@ -533,8 +595,15 @@ impl MemoryPool for GovernedMemoryPool {
             if left > 0 {
                 self.released(&c, left);
             }
+            if c.is_sort_merge {
+                // Its sort is gone: nothing is owed any more.
+                let first = c.first_reservation.swap(0, Ordering::Relaxed);
+                self.kept_merges
+                    .fetch_sub(merge_owed(first, 0), Ordering::Relaxed);
+            }
             drop(slot);
             drop(token);
+            self.release.released();
         }
     }
 
@@ -568,7 +637,7 @@ impl MemoryPool for GovernedMemoryPool {
             return Ok(());
         }
         self.with_consumer(reservation.consumer(), |c| {
-            self.try_grow_consumer(c, additional)
+            self.try_grow_consumer(c, reservation.size(), additional)
         })
     }
 
@@ -629,19 +698,26 @@ impl GovernedMemoryPool {
             tracing::error!(consumer = %c.name, error = %e, "governor token out of step with pool books");
         }
         self.released(c, bytes);
+        drop(token);
+        self.release.released();
     }
 
-    fn try_grow_consumer(&self, c: &Consumer, additional: usize) -> Result<()> {
+    fn try_grow_consumer(
+        &self,
+        c: &Consumer,
+        reservation_size: usize,
+        additional: usize,
+    ) -> Result<()> {
         let mut token = c.token.lock();
         let Some(t) = token.as_mut() else {
             return Err(self.deny(c, additional, &Denial::NotConfigured));
         };
         if c.can_spill {
-            if let Err(why) = self.grow_spillable(c, t, additional) {
+            if let Err(why) = self.grow_spillable(c, t, reservation_size, additional) {
                 return Err(self.deny(c, additional, &why));
             }
         } else if let Err(first) = t.try_grow(additional)
-            && let Err(e) = self.grow_unspillable_slow(t, additional, &first)
+            && let Err(e) = self.grow_slow(c, t, additional, first)
         {
             return Err(self.deny(c, additional, &Denial::Governor(e)));
         }

@@ -70,6 +70,9 @@ async fn tpch_governed_completes_at_least_as_many_queries_as_builtin_pools() {
                             "Q{n}: {m}"
                         );
                         report.push(format!("Q{n}"));
+                        if kind == PoolKind::Governed {
+                            eprintln!("Q{n} under the governed pool at {limit} B: {m}");
+                        }
                     }
                     other => panic!(
                         "Q{n} with {} at {limit} B: {}",

@@ -39,6 +39,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::config::MAX_BYTES;
+use crate::container::CeilingSource;
 use crate::engine::{EngineId, human_bytes};
 use crate::error::MemError;
 use crate::governor::MemoryGovernor;
@@ -225,6 +226,16 @@ impl MemoryGovernor {
     /// # Ok::<(), governor_core::MemError>(())
     /// ```
     pub fn set_ceiling(&self, bytes: usize) -> Result<CeilingChange, MemError> {
+        self.set_ceiling_from(bytes, CeilingSource::Configured)
+    }
+
+    /// [`set_ceiling`](Self::set_ceiling), recording where the new ceiling came from (the
+    /// container watch passes the limit file it followed).
+    pub(crate) fn set_ceiling_from(
+        &self,
+        bytes: usize,
+        source: CeilingSource,
+    ) -> Result<CeilingChange, MemError> {
         if bytes == 0 || bytes > MAX_BYTES {
             return Err(MemError::config(
                 "set_ceiling",
@@ -249,9 +260,11 @@ impl MemoryGovernor {
             from,
             to = bytes,
             over,
+            source = %source,
             misfits = misfits.len(),
             "global ceiling changed"
         );
+        self.environment.ceiling_changed(source);
         for misfit in &misfits {
             tracing::warn!(%misfit, ceiling = bytes, "configuration does not fit the new ceiling");
         }

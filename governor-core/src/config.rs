@@ -103,6 +103,8 @@ pub struct GovernorConfig {
     /// What [`MemoryGovernor::set_ceiling`](crate::MemoryGovernor::set_ceiling) does when the
     /// ceiling drops.
     pub(crate) ceiling_policy: CeilingPolicy,
+    /// Where `ceiling` came from (a number, or a limit file found in the environment).
+    pub(crate) ceiling_source: crate::container::CeilingSource,
 }
 
 impl GovernorConfig {
@@ -114,6 +116,12 @@ impl GovernorConfig {
     /// The global ceiling in bytes.
     pub fn ceiling(&self) -> usize {
         self.ceiling
+    }
+
+    /// Where the ceiling came from: the configuration, or a limit found in the environment
+    /// ([`GovernorConfigBuilder::ceiling_from_environment`]).
+    pub fn ceiling_source(&self) -> &crate::container::CeilingSource {
+        &self.ceiling_source
     }
 
     /// The budget configured for `engine`, if any.
@@ -171,6 +179,7 @@ pub struct GovernorConfigBuilder {
     shards: Option<usize>,
     node_ceilings: Vec<(usize, usize)>,
     ceiling_policy: Option<CeilingPolicy>,
+    ceiling_source: Option<crate::container::CeilingSource>,
 }
 
 /// The reclaim timeout used when none is configured.
@@ -208,6 +217,13 @@ impl GovernorConfigBuilder {
     #[must_use]
     pub fn global_ceiling(mut self, bytes: usize) -> Self {
         self.ceiling = Some(bytes);
+        self.ceiling_source = None;
+        self
+    }
+
+    /// Records where the ceiling just set came from (see `ceiling_from_environment`).
+    pub(crate) fn ceiling_source(mut self, source: crate::container::CeilingSource) -> Self {
+        self.ceiling_source = Some(source);
         self
     }
 
@@ -416,6 +432,9 @@ impl GovernorConfigBuilder {
             shards,
             node_ceilings,
             ceiling_policy,
+            ceiling_source: self
+                .ceiling_source
+                .unwrap_or(crate::container::CeilingSource::Configured),
         })
     }
 }

@@ -170,10 +170,20 @@ fn watch(
             Ok(sample) => sample,
             Err(err) => {
                 stats.errors.fetch_add(1, Ordering::Relaxed);
+                governor.environment.sample_failed();
                 tracing::warn!(error = %err, "container sample failed; keeping the current ceiling");
                 continue;
             }
         };
+        governor.environment.sampled(&sample);
+        if let Some(psi) = &sample.pressure {
+            tracing::trace!(
+                some_avg10 = psi.some.avg10,
+                full_avg10 = psi.full.map(|f| f.avg10),
+                current = sample.current,
+                "container sample"
+            );
+        }
         for err in &sample.errors {
             stats.errors.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(error = %err, "part of the container sample could not be read");
@@ -183,7 +193,7 @@ fn watch(
             match change
                 .to
                 .ceiling(config.fraction)
-                .and_then(|bytes| governor.set_ceiling(bytes))
+                .and_then(|bytes| governor.set_ceiling_from(bytes, change.to.source.clone()))
             {
                 Ok(done) => {
                     stats.ceiling_changes.fetch_add(1, Ordering::Relaxed);
@@ -198,6 +208,7 @@ fn watch(
         let floor = report.pressure_floor.unwrap_or(PressureLevel::Normal);
         if report.is_emergency() {
             stats.emergencies.fetch_add(1, Ordering::Relaxed);
+            governor.environment.emergency();
             let rises: Vec<String> = report
                 .counter_rises
                 .iter()

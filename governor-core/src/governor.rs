@@ -41,6 +41,8 @@ pub struct MemoryGovernor {
     pub(crate) work: crate::work::WorkRegistry,
     /// Recent reclaim calls, for stories (`story` module).
     pub(crate) history: crate::story::History,
+    /// Where the ceiling came from and the container's last sample (`environment` module).
+    pub(crate) environment: crate::environment::EnvironmentBook,
 }
 
 impl MemoryGovernor {
@@ -62,7 +64,9 @@ impl MemoryGovernor {
     /// # Ok::<(), governor_core::MemError>(())
     /// ```
     pub fn new(config: GovernorConfig) -> Result<Arc<Self>, MemError> {
+        let environment = crate::environment::EnvironmentBook::new(config.ceiling_source.clone());
         Ok(Arc::new_cyclic(|owner| Self {
+            environment,
             books: Arc::new(Books::new(config, owner.clone())),
             reclaimers: ReclaimRegistry::default(),
             consumer_stats: StatsRegistry::default(),

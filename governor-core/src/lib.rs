@@ -125,6 +125,7 @@ pub mod container;
 pub mod container_watch;
 mod engine;
 mod engine_arena;
+pub mod environment;
 mod error;
 mod governor;
 mod handle;
@@ -158,6 +159,7 @@ pub use container::{
 };
 pub use container_watch::{ContainerWatchConfig, ContainerWatchHandle, ContainerWatchStats};
 pub use engine::{EngineId, gib, human_bytes, kib, mib};
+pub use environment::EnvironmentSnapshot;
 pub use error::{Holders, MemError};
 pub use governor::MemoryGovernor;
 pub use metrics::{

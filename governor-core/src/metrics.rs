@@ -125,6 +125,8 @@ pub struct GovernorSnapshot {
     pub numa_nodes: Vec<NumaNodeSnapshot>,
     /// Whether per-engine allocator figures exist, and if not, why.
     pub reconciliation: Reconciliation,
+    /// Where the ceiling came from, its changes, and the container's last sample.
+    pub environment: crate::environment::EnvironmentSnapshot,
 }
 
 /// What all engines hold on one NUMA node, when the configuration bounds nodes.
@@ -144,6 +146,101 @@ impl GovernorSnapshot {
     /// The figures of `engine`.
     pub fn engine(&self, engine: EngineId) -> Option<&EngineSnapshot> {
         self.engines.iter().find(|e| e.engine == engine)
+    }
+
+    /// The environment's series: the ceiling's source as an info-style gauge, its changes,
+    /// and (once the container watch has sampled them) the kernel's charge, PSI and event
+    /// counters.
+    fn environment_metrics(&self, r: &mut Registry) {
+        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+        struct SourceLabel {
+            source: String,
+            file: String,
+        }
+        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+        struct EventLabel {
+            event: String,
+        }
+        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+        struct StallLabel {
+            kind: String,
+        }
+        let env = &self.environment;
+        let source = Family::<SourceLabel, Gauge>::default();
+        source
+            .get_or_create(&SourceLabel {
+                source: env.ceiling_source.label().to_owned(),
+                file: env
+                    .ceiling_source
+                    .path()
+                    .map_or_else(String::new, |p| p.display().to_string()),
+            })
+            .set(1);
+        r.register(
+            "ceiling_source",
+            "Where the ceiling in force came from (1 for the current source)",
+            source,
+        );
+        let changes: Counter = Counter::default();
+        changes.inc_by(env.ceiling_changes);
+        r.register("ceiling_changes", "Ceiling changes since start", changes);
+        let emergencies: Counter = Counter::default();
+        emergencies.inc_by(env.emergencies);
+        r.register(
+            "container_emergencies",
+            "Emergencies raised because the kernel's memory limit or OOM counters rose",
+            emergencies,
+        );
+        if let Some(current) = env.memory_current {
+            let g: Gauge = Gauge::default();
+            g.set(i64::try_from(current).unwrap_or(i64::MAX));
+            r.register(
+                "container_memory_current_bytes",
+                "The kernel's charge for the process's cgroup at the last sample",
+                g,
+            );
+        }
+        if let Some(psi) = env.psi {
+            let stall = Family::<StallLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+            stall
+                .get_or_create(&StallLabel {
+                    kind: "some".into(),
+                })
+                .set(psi.some.avg10);
+            if let Some(full) = psi.full {
+                stall
+                    .get_or_create(&StallLabel {
+                        kind: "full".into(),
+                    })
+                    .set(full.avg10);
+            }
+            r.register(
+                "memory_pressure_stall_avg10_percent",
+                "Memory pressure stall information of the cgroup: share of the last 10 s stalled",
+                stall,
+            );
+        }
+        if let Some(events) = env.events {
+            let family = Family::<EventLabel, Counter>::default();
+            for (event, n) in [
+                ("low", events.low),
+                ("high", events.high),
+                ("max", events.max),
+                ("oom", events.oom),
+                ("oom_kill", events.oom_kill),
+            ] {
+                family
+                    .get_or_create(&EventLabel {
+                        event: event.into(),
+                    })
+                    .inc_by(n);
+            }
+            r.register(
+                "container_memory_events",
+                "The cgroup's memory limit and OOM event counters",
+                family,
+            );
+        }
     }
 
     /// Renders the snapshot in the Prometheus text exposition format.
@@ -289,6 +386,7 @@ impl GovernorSnapshot {
             "Global pressure: 0 normal, 1 warning, 2 critical, 3 emergency",
             self.global_pressure as usize,
         );
+        self.environment_metrics(r);
         if !self.numa_nodes.is_empty() {
             let reserved = Family::<NodeLabel, Gauge>::default();
             let ceiling = Family::<NodeLabel, Gauge>::default();
@@ -666,6 +764,7 @@ impl MemoryGovernor {
                     .collect()
             }),
             reconciliation: self.reconciliation(),
+            environment: self.environment(),
         }
     }
 }

@@ -220,6 +220,19 @@ impl UntrackedFilter {
         self.published()
     }
 
+    /// Follows a new ceiling: publishes at most `ceiling` from now on, with `law`. The
+    /// measured state is kept: the bytes outside the books did not change with the ceiling.
+    pub fn retune(&mut self, law: ControlLaw, ceiling: usize) {
+        self.law = law;
+        self.ceiling = ceiling;
+        self.state = self.state.map(|s| s.min(ceiling));
+    }
+
+    /// The ceiling the published figure is bounded by.
+    pub fn ceiling(&self) -> usize {
+        self.ceiling
+    }
+
     /// The filtered untracked bytes (without headroom), `None` before the first sample.
     pub fn smoothed(&self) -> Option<usize> {
         self.state
@@ -649,6 +662,21 @@ fn tick(governor: &Arc<MemoryGovernor>, shared: &Shared) -> Result<usize, MemErr
             return Err(err);
         }
     };
+    // A live ceiling (`set_ceiling`, a followed container) moves the law's scale with it: a
+    // headroom sized for the old ceiling would, after a drop, charge more than the new one
+    // allows and refuse every admission.
+    let ceiling = governor.ceiling();
+    if ceiling != state.filter.ceiling() {
+        let law = config.law.map_or_else(
+            || ControlLaw::for_ceiling(ceiling),
+            |law| ControlLaw {
+                deadband: law.deadband.min(ceiling / 4),
+                headroom: law.headroom.min(ceiling / 4),
+                ..law
+            },
+        );
+        state.filter.retune(law, ceiling);
+    }
     let reconciled = reconcile(governor, &mut state.reconciler, &shared.stats);
     // What the books explain: tokens, and each engine's own drift charged to it.
     let reserved = governor.global_reserved() + reconciled.charged;

@@ -258,3 +258,39 @@ fn admissions_racing_ceiling_changes_respect_the_ceiling_in_force() {
     });
     assert_eq!(g.global_reserved(), 0);
 }
+
+/// The RSS monitor's law follows a live ceiling: its headroom, sized from a large ceiling at
+/// start, would otherwise be charged as untracked memory after a drop and refuse every
+/// admission under a ceiling the process fits in with room to spare. Found by the workload's
+/// cgroup test: 0.9 × 24 GiB of physical memory, then a container limit of 384 MiB.
+#[test]
+fn the_rss_monitor_follows_a_lowered_ceiling() {
+    let g = MemoryGovernor::new(
+        GovernorConfig::builder()
+            .global_ceiling(governor_core::gib(64))
+            .engine(EngineId::Query, EngineBudget::new(mib(256)))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    // A long interval: only `sample_now` ticks, so the test decides when.
+    let monitor = g
+        .start_rss_monitor(
+            governor_core::RssMonitorConfig::default().with_interval(Duration::from_hours(1)),
+        )
+        .unwrap();
+    monitor.sample_now().unwrap();
+    let resident = governor_core::alloc::ProcessMemory::query().unwrap().rss;
+    // 2 % of 64 GiB of headroom on top of what is resident.
+    assert!(g.untracked() > mib(1024), "{}", g.untracked());
+    let lowered = resident + mib(512);
+    g.set_ceiling(lowered).unwrap();
+    monitor.sample_now().unwrap();
+    assert!(
+        g.untracked() < resident + mib(64),
+        "untracked {} with {resident} resident under a {lowered} ceiling",
+        g.untracked()
+    );
+    let query = g.try_reserve(EngineId::Query, mib(128));
+    assert!(query.is_ok(), "{query:?}");
+}

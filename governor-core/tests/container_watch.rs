@@ -92,6 +92,17 @@ fn the_ceiling_follows_the_container_and_the_kernel_raises_pressure() {
     )
     .unwrap();
     assert_eq!(g.ceiling(), mib(100));
+    // Where the ceiling came from is known from the start, file included.
+    let env = g.environment();
+    assert_eq!(env.ceiling_source.label(), "cgroup_v2");
+    assert!(
+        env.ceiling_source
+            .path()
+            .is_some_and(|p| p.ends_with("memory.max")),
+        "{env:?}"
+    );
+    assert_eq!(env.ceiling_changes, 0);
+    assert!(env.psi.is_none(), "nothing sampled yet: {env:?}");
     let watch = g
         .follow_container(
             probe,
@@ -137,10 +148,35 @@ fn the_ceiling_follows_the_container_and_the_kernel_raises_pressure() {
             .load(std::sync::atomic::Ordering::Relaxed)
             >= 1
     });
+    // Everything the watch saw is in the snapshot and the Prometheus text.
+    wait_until("the environment records the OOM kill", || {
+        g.environment().events.is_some_and(|e| e.oom_kill == 1)
+    });
+    let env = g.environment();
+    assert_eq!(env.ceiling_source.label(), "cgroup_v2");
+    assert!(env.ceiling_changes >= 2, "{env:?}");
+    assert!(env.emergencies >= 1, "{env:?}");
+    assert!(env.psi.is_some(), "{env:?}");
+    let text = g.snapshot().to_prometheus();
+    for needle in [
+        "memgov_ceiling_source{source=\"cgroup_v2\"",
+        "memgov_ceiling_changes_total ",
+        "memgov_container_emergencies_total ",
+        "memgov_memory_pressure_stall_avg10_percent{kind=\"some\"}",
+        "memgov_memory_pressure_stall_avg10_percent{kind=\"full\"}",
+        "memgov_container_memory_events_total{event=\"oom_kill\"} 1",
+    ] {
+        assert!(text.contains(needle), "{needle} missing in:\n{text}");
+    }
+    // Set by hand, the ceiling is a configured number again.
+    g.set_ceiling(mib(140)).unwrap();
+    let env = g.environment();
+    assert_eq!(env.ceiling_source.label(), "configured");
+    assert!(env.ceiling_source.path().is_none());
     drop(watch);
     // Stopped: nothing changes the ceiling any more.
     tree.limit(mib(40));
-    assert_eq!(g.ceiling(), mib(150));
+    assert_eq!(g.ceiling(), mib(140));
 }
 
 #[test]

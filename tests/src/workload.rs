@@ -61,6 +61,38 @@ pub struct WorkloadConfig {
     pub shed_below_floors: bool,
     /// The RSS monitor's sampling interval.
     pub monitor_interval: Duration,
+    /// `Some(fraction)`: the ceiling is this share of the memory the environment allows (the
+    /// cgroup's limit, else physical memory), and follows it while the run lasts (the container
+    /// watch); `ceiling` is then ignored.
+    pub ceiling_from_environment: Option<f64>,
+    /// Ceiling drops while the timeseries ingest runs.
+    pub drops: Option<CeilingDrops>,
+}
+
+/// Lowering the ceiling mid-run, as an operator resizing the container would.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CeilingDrops {
+    /// The lowered ceiling.
+    pub to: usize,
+    /// How many drops, spread evenly over the ingest (one: at half time). Each but the last
+    /// is undone once its drain ends, so every drop starts from the full ceiling; the last
+    /// stays until the run ends.
+    pub count: usize,
+}
+
+/// One ceiling drop and how the governor got back under it.
+#[derive(Clone, Debug)]
+pub struct DropRecord {
+    /// The ceiling before and after.
+    pub from: usize,
+    /// The lowered ceiling.
+    pub to: usize,
+    /// Bytes counted against the ceiling above the new one at the drop.
+    pub over: usize,
+    /// What the drain reported.
+    pub outcome: governor_core::DrainOutcome,
+    /// From the drop until the books were under the new ceiling (or the drain gave up).
+    pub drain_time: Duration,
 }
 
 impl WorkloadConfig {
@@ -86,6 +118,8 @@ impl WorkloadConfig {
             partitions: 2,
             shed_below_floors: true,
             monitor_interval: governor_core::rss_monitor::DEFAULT_RSS_MONITOR_INTERVAL,
+            ceiling_from_environment: None,
+            drops: None,
         }
     }
 
@@ -109,8 +143,10 @@ impl WorkloadConfig {
     pub fn small() -> Self {
         Self {
             ceiling: mib(192),
-            vector_limit: mib(2),
-            timeseries_limit: mib(2),
+            // Room for the arena's real bytes too: each engine's allocator drift (the HNSW
+            // graph's neighbour lists, memtable vectors' spare capacity) is charged to it.
+            vector_limit: mib(4),
+            timeseries_limit: mib(4),
             query_limit: mib(24),
             bridge_limit: mib(16),
             segments: 6,
@@ -126,6 +162,8 @@ impl WorkloadConfig {
             partitions: 2,
             shed_below_floors: true,
             monitor_interval: governor_core::rss_monitor::DEFAULT_RSS_MONITOR_INTERVAL,
+            ceiling_from_environment: None,
+            drops: None,
         }
     }
 }
@@ -151,6 +189,8 @@ pub struct WorkloadReport {
     pub peak_booked: usize,
     /// Per engine: (engine, limit, peak grant).
     pub engine_peaks: Vec<(EngineId, usize, usize)>,
+    /// Per engine with its own arena: what the allocator says it really held.
+    pub engine_allocations: Vec<(EngineId, governor_core::EngineAllocation)>,
     /// Invariant breaches the sampler saw, and work that did not complete.
     pub failures: Vec<String>,
     /// Sampler readings.
@@ -163,9 +203,29 @@ pub struct WorkloadReport {
     pub prometheus: String,
     /// What the RSS monitor did: emergencies, reclaims from borrowers and below floors.
     pub monitor: governor_core::RssMonitorStats,
+    /// Where the ceiling came from (`configured`, `cgroup_v2`, `cgroup_v1`, `physical`).
+    pub ceiling_source: String,
+    /// The ceiling in force at the end, and how often it changed during the run.
+    pub final_ceiling: usize,
+    /// Ceiling changes during the run (drops, restores, a followed container).
+    pub ceiling_changes: u64,
+    /// Every ceiling drop and its drain.
+    pub drops: Vec<DropRecord>,
 }
 
 impl WorkloadReport {
+    /// The median and 99th percentile (nearest rank) of the drops' drain times.
+    pub fn drain_percentiles(&self) -> Option<(Duration, Duration)> {
+        let mut times: Vec<Duration> = self.drops.iter().map(|d| d.drain_time).collect();
+        if times.is_empty() {
+            return None;
+        }
+        times.sort();
+        let rank =
+            |q: f64| times[((q * times.len() as f64).ceil() as usize).clamp(1, times.len()) - 1];
+        Some((rank(0.5), rank(0.99)))
+    }
+
     /// True when every promise held.
     pub fn passed(&self) -> bool {
         self.failures.is_empty()
@@ -200,11 +260,59 @@ impl WorkloadReport {
             m.purges
         );
         for (engine, limit, peak) in &self.engine_peaks {
-            let _ = writeln!(
+            let _ = write!(
                 s,
                 "  {engine:<10} peak {:>10} of limit {:>10}",
                 human_bytes(*peak),
                 human_bytes(*limit)
+            );
+            match self.engine_allocations.iter().find(|(e, _)| e == engine) {
+                Some((_, a)) => {
+                    let _ = writeln!(
+                        s,
+                        "; arena: peak allocated {:>10}, drift {} .. {}{}",
+                        human_bytes(a.peak_allocated),
+                        signed_bytes(a.low_drift),
+                        signed_bytes(a.peak_drift),
+                        if a.low_drift < 0 {
+                            " (negative: its byte model reserves more than it allocates)"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+                None => s.push('\n'),
+            }
+        }
+        let _ = writeln!(
+            s,
+            "ceiling source: {}, {} changes, {} at the end",
+            self.ceiling_source,
+            self.ceiling_changes,
+            human_bytes(self.final_ceiling)
+        );
+        for d in &self.drops {
+            let _ = writeln!(
+                s,
+                "ceiling drop {} -> {}: {} over at the drop, drained {} in {:.1?}, still over {}{}",
+                human_bytes(d.from),
+                human_bytes(d.to),
+                human_bytes(d.over),
+                human_bytes(d.outcome.drained),
+                d.drain_time,
+                human_bytes(d.outcome.still_over),
+                if d.outcome.timed_out {
+                    " (deadline passed)"
+                } else {
+                    ""
+                }
+            );
+        }
+        if let Some((p50, p99)) = self.drain_percentiles() {
+            let _ = writeln!(
+                s,
+                "drop-to-drain over {} drops: p50 {p50:.1?}, p99 {p99:.1?}",
+                self.drops.len()
             );
         }
         if self.failures.is_empty() {
@@ -216,6 +324,22 @@ impl WorkloadReport {
             }
         }
         s
+    }
+}
+
+/// How far above its limit an engine's arena may peak: the allocator is read once per monitor
+/// tick, so an engine can allocate past its books for up to one tick before its drift is
+/// charged to it, plus jemalloc's thread caches. A tenth of the limit plus 2 MiB.
+pub fn allocated_tolerance(limit: usize) -> usize {
+    limit / 10 + mib(2)
+}
+
+fn signed_bytes(bytes: i64) -> String {
+    let magnitude = human_bytes(bytes.unsigned_abs() as usize);
+    if bytes < 0 {
+        format!("-{magnitude}")
+    } else {
+        format!("+{magnitude}")
     }
 }
 
@@ -244,13 +368,73 @@ fn point(series: usize, i: usize) -> Point {
     Point::new(ts, value)
 }
 
+/// One multi-thread runtime per engine, pinned to the engine's arena
+/// ([`MemoryGovernor::engine_runtime_builder`]). Shut down in the background when dropped: the
+/// workload drops them from async code, where a blocking shutdown is not allowed.
+struct EngineRuntimes {
+    /// Vector, Timeseries, Query; `None` only while being dropped.
+    runtimes: [Option<tokio::runtime::Runtime>; 3],
+}
+
+impl EngineRuntimes {
+    fn new(governor: &MemoryGovernor) -> Result<Self, String> {
+        let build = |engine: EngineId, workers: usize| {
+            governor
+                .engine_runtime_builder(engine)
+                .map_err(|e| format!("{engine} runtime: {e}"))?
+                .worker_threads(workers)
+                .thread_name(format!("{engine}-engine"))
+                .enable_all()
+                .build()
+                .map(Some)
+                .map_err(|e| format!("{engine} runtime: {e}"))
+        };
+        Ok(Self {
+            runtimes: [
+                build(EngineId::Vector, 1)?,
+                build(EngineId::Timeseries, 1)?,
+                build(EngineId::Query, 2)?,
+            ],
+        })
+    }
+
+    fn get(&self, i: usize) -> &tokio::runtime::Handle {
+        self.runtimes[i].as_ref().expect("live until drop").handle()
+    }
+
+    fn vector(&self) -> &tokio::runtime::Handle {
+        self.get(0)
+    }
+
+    fn timeseries(&self) -> &tokio::runtime::Handle {
+        self.get(1)
+    }
+
+    fn query(&self) -> &tokio::runtime::Handle {
+        self.get(2)
+    }
+}
+
+impl Drop for EngineRuntimes {
+    fn drop(&mut self) {
+        for rt in self.runtimes.iter_mut().filter_map(Option::take) {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// Runs the workload and reports; `Err` only for set-up failures (temp dir, engine start).
 pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
     let started = Instant::now();
     let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
+    let builder = match config.ceiling_from_environment {
+        Some(fraction) => GovernorConfig::builder()
+            .ceiling_from_environment(fraction)
+            .map_err(|e| format!("ceiling from the environment: {e}"))?,
+        None => GovernorConfig::builder().global_ceiling(config.ceiling),
+    };
     let governor = MemoryGovernor::new(
-        GovernorConfig::builder()
-            .global_ceiling(config.ceiling)
+        builder
             .engine(
                 EngineId::Vector,
                 EngineBudget::new(config.vector_limit).with_floor(config.vector_limit / 2),
@@ -268,6 +452,26 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
             .map_err(|e| e.to_string())?,
     )
     .map_err(|e| e.to_string())?;
+    // From here on the ceiling in force is the governor's (it may have come from the
+    // environment); every check below is against it.
+    let mut config = config;
+    config.ceiling = governor.ceiling();
+    // A ceiling from the environment also follows it: a resized container moves the ceiling,
+    // and the kernel's pressure and OOM counters reach the governor.
+    let _container_watch = match config.ceiling_from_environment {
+        Some(fraction) => Some(
+            governor
+                .follow_container(
+                    governor_core::ContainerProbe::new(),
+                    governor_core::ContainerWatchConfig {
+                        fraction,
+                        ..governor_core::ContainerWatchConfig::default()
+                    },
+                )
+                .map_err(|e| format!("following the container: {e}"))?,
+        ),
+        None => None,
+    };
     let monitor = governor
         .start_rss_monitor(
             RssMonitorConfig::default()
@@ -275,6 +479,10 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
                 .with_interval(config.monitor_interval),
         )
         .map_err(|e| format!("RSS monitor: {e}"))?;
+
+    // Each engine on its own runtime whose threads allocate from the engine's jemalloc arena,
+    // so the RSS monitor can compare what each engine really allocated with what it reserved.
+    let runtimes = EngineRuntimes::new(&governor)?;
 
     // The sampler: every engine's grant against its limit, and real RSS against the ceiling.
     let stop = Arc::new(AtomicBool::new(false));
@@ -328,37 +536,52 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
         .collect::<Result<_, _>>()?;
     {
         let (cache, ids, cfg) = (cache.clone(), ids.clone(), config.clone());
-        tokio::task::spawn_blocking(move || -> Result<(), String> {
-            for (s, id) in ids.iter().enumerate() {
-                cache.create_segment(id).map_err(|e| e.to_string())?;
-                for v in 0..cfg.vectors_per_segment {
-                    let seed = (s * cfg.vectors_per_segment + v) as u64;
-                    insert_with_retry(&cache, id, v, &vector(seed, cfg.dim))?;
+        runtimes
+            .vector()
+            .spawn_blocking(move || -> Result<(), String> {
+                for (s, id) in ids.iter().enumerate() {
+                    cache.create_segment(id).map_err(|e| e.to_string())?;
+                    for v in 0..cfg.vectors_per_segment {
+                        let seed = (s * cfg.vectors_per_segment + v) as u64;
+                        insert_with_retry(&cache, id, v, &vector(seed, cfg.dim))?;
+                    }
+                    cache.persist(id).map_err(|e| e.to_string())?;
                 }
-                cache.persist(id).map_err(|e| e.to_string())?;
-            }
-            cache.pin(&ids[0]).map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(|e| e.to_string())??;
+                cache.pin(&ids[0]).map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| e.to_string())??;
     }
 
     // --- the three engines at once -----------------------------------------------------
     let searches = {
         let (cache, cfg) = (cache.clone(), config.clone());
-        tokio::task::spawn_blocking(move || vector_searches(&cache, &cfg))
+        runtimes
+            .vector()
+            .spawn_blocking(move || vector_searches(&cache, &cfg))
     };
+    let progress = Arc::new(AtomicUsize::new(0));
     let ingest = {
-        let (governor, cfg, path) = (
+        let (governor, cfg, path, progress) = (
             governor.clone(),
             config.clone(),
             dir.path().join("timeseries"),
+            progress.clone(),
         );
-        tokio::spawn(async move { timeseries_ingest(governor, &cfg, path).await })
+        runtimes
+            .timeseries()
+            .spawn(async move { timeseries_ingest(governor, &cfg, path, &progress).await })
     };
+    let dropper = config.drops.map(|drops| {
+        let (governor, progress) = (governor.clone(), progress.clone());
+        let total = config.series * config.points_per_series;
+        tokio::spawn(async move { drop_ceiling(governor, drops, &progress, total).await })
+    });
     let sql = {
         let (governor, cfg, path) = (governor.clone(), config.clone(), dir.path().join("spill"));
-        tokio::spawn(async move { sql_group_by(governor, &cfg, path).await })
+        runtimes
+            .query()
+            .spawn(async move { sql_group_by(governor, &cfg, path).await })
     };
     let mut report = WorkloadReport {
         ceiling: config.ceiling,
@@ -380,6 +603,16 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
         Ok(done) => report.queries_done = done,
         Err(e) => failures.lock().push(format!("sql: {e}")),
     }
+    if let Some(dropper) = dropper {
+        match dropper.await.map_err(|e| e.to_string())? {
+            Ok(drops) => report.drops = drops,
+            Err(e) => failures.lock().push(format!("ceiling drop: {e}")),
+        }
+    }
+    let environment = governor.environment();
+    report.ceiling_source = environment.ceiling_source.to_string();
+    report.ceiling_changes = environment.ceiling_changes;
+    report.final_ceiling = governor.ceiling();
     stop.store(true, Ordering::Release);
     sampler
         .join()
@@ -429,6 +662,32 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
         .filter(|e| e.configured)
         .map(|e| (e.engine, e.limit, e.peak))
         .collect();
+    for d in &report.drops {
+        if d.outcome.still_over > 0 {
+            failures.push(format!(
+                "after the ceiling drop to {} the books stayed {} over it",
+                human_bytes(d.to),
+                human_bytes(d.outcome.still_over)
+            ));
+        }
+    }
+    report.engine_allocations = snapshot
+        .engines
+        .iter()
+        .filter(|e| e.configured)
+        .filter_map(|e| e.allocation.map(|a| (e.engine, a)))
+        .collect();
+    for (engine, allocation) in &report.engine_allocations {
+        let limit = governor.limit(*engine);
+        if allocation.peak_allocated > limit + allocated_tolerance(limit) {
+            failures.push(format!(
+                "{engine}'s arena peaked at {} allocated, over its limit {} + {} tolerance",
+                human_bytes(allocation.peak_allocated),
+                human_bytes(limit),
+                human_bytes(allocated_tolerance(limit))
+            ));
+        }
+    }
     for (engine, limit, peak) in &report.engine_peaks {
         if peak > limit {
             failures.push(format!(
@@ -462,6 +721,41 @@ fn insert_with_retry(
         }
     }
     Err("insert retries exhausted".into())
+}
+
+/// Lowers the ceiling to `drops.to` at evenly spread points of the ingest and measures, for
+/// each drop, the time until the books are back under it; every drop but the last is undone
+/// once its drain ends.
+async fn drop_ceiling(
+    governor: Arc<MemoryGovernor>,
+    drops: CeilingDrops,
+    progress: &AtomicUsize,
+    total_points: usize,
+) -> Result<Vec<DropRecord>, String> {
+    let full = governor.ceiling();
+    let mut records = Vec::with_capacity(drops.count);
+    for k in 1..=drops.count {
+        let mark = total_points * k / (drops.count + 1);
+        // Progress is polled, not waited on: it moves every append, and a missed instant
+        // only moves the drop by one batch.
+        while progress.load(Ordering::Acquire) < mark {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let started = Instant::now();
+        let mut change = governor.set_ceiling(drops.to).map_err(|e| e.to_string())?;
+        let outcome = change.finished().await;
+        records.push(DropRecord {
+            from: full,
+            to: drops.to,
+            over: change.over,
+            outcome,
+            drain_time: started.elapsed(),
+        });
+        if k < drops.count {
+            governor.set_ceiling(full).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(records)
 }
 
 /// Queries per `search_all_batch` call: each cold segment is loaded once per batch, which is
@@ -504,6 +798,7 @@ async fn timeseries_ingest(
     governor: Arc<MemoryGovernor>,
     cfg: &WorkloadConfig,
     dir: std::path::PathBuf,
+    progress: &AtomicUsize,
 ) -> Result<(usize, usize, usize), String> {
     let flusher = FileSegmentFlusher::new(&dir).map_err(|e| format!("segment dir: {e}"))?;
     let adapter = TimeseriesAdapter::builder(governor)
@@ -523,6 +818,7 @@ async fn timeseries_ingest(
                     Ok(()) => {
                         ingested += rest.len();
                         rest = &[];
+                        progress.store(ingested, Ordering::Release);
                     }
                     Err(e @ timeseries_adapter::IngestError::Throttled { .. }) => {
                         // Lossless backpressure: keep the unstored suffix and try again.

@@ -322,6 +322,17 @@ impl ContainerProbe {
         &self.root
     }
 
+    /// The directory of the cgroup this process's memory is charged to, and whether it is a
+    /// cgroup v2 (`true`) or v1 (`false`) hierarchy; `None` outside any cgroup with a memory
+    /// controller. Useful to place a child process in a sub-cgroup (as the workload's cgroup
+    /// test does) or to read files the probe does not.
+    pub fn memory_cgroup_dir(&self) -> Result<Option<(PathBuf, bool)>, MemError> {
+        let layout = self.layout()?;
+        Ok(layout
+            .memory()
+            .map(|(version, chain)| (chain.own().to_path_buf(), version == Version::V2)))
+    }
+
     /// The effective memory limit and the file that decided it.
     ///
     /// Errors when a file that exists cannot be read or parsed, or when neither a cgroup
@@ -640,7 +651,7 @@ impl GovernorConfigBuilder {
             ceiling,
             "global ceiling taken from the memory environment"
         );
-        Ok(self.global_ceiling(ceiling))
+        Ok(self.global_ceiling(ceiling).ceiling_source(limit.source))
     }
 }
 

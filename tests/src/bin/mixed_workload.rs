@@ -22,10 +22,13 @@ async fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!(
-            "mixed_workload [--small] [--ungoverned] [--ceiling-mib N] [--keep-floors] [--monitor-ms N] [--prometheus]\n  \
+            "mixed_workload [--small] [--ungoverned] [--ceiling-mib N | --ceiling auto] [--shrink-to-mib N [--drops K]] [--keep-floors] [--monitor-ms N] [--prometheus]\n  \
              --small          the test-suite sizes\n  \
              --ungoverned     the same work with budgets too large to matter (the no-governor baseline)\n  \
              --ceiling-mib N  a different global ceiling (engine budgets unchanged)\n  \
+             --ceiling auto   the ceiling is 90% of what the environment allows (cgroup v2/v1 limit, else physical memory)\n  \
+             --shrink-to-mib N  lower the ceiling to N MiB at half of the ingest, as a pod resize would\n  \
+             --drops K        with --shrink-to-mib: K drops spread over the ingest (each but the last undone after its drain), for drain-time percentiles\n  \
              --keep-floors    the RSS monitor never reclaims below engines' floors\n  \
              --monitor-ms N   the RSS monitor's sampling interval (default 100)\n  \
              --prometheus     print the final metrics\n  \
@@ -71,6 +74,39 @@ async fn main() -> std::process::ExitCode {
             Some(n) if n > 0 => config.ceiling = governor_core::mib(n),
             _ => {
                 eprintln!("--ceiling-mib needs a positive number of MiB");
+                return std::process::ExitCode::from(2);
+            }
+        }
+    }
+    if let Some(i) = args.iter().position(|a| a == "--ceiling") {
+        match args.get(i + 1).map(String::as_str) {
+            Some("auto") => config.ceiling_from_environment = Some(0.9),
+            _ => {
+                eprintln!("--ceiling takes `auto` (use --ceiling-mib N for a number)");
+                return std::process::ExitCode::from(2);
+            }
+        }
+    }
+    if let Some(i) = args.iter().position(|a| a == "--shrink-to-mib") {
+        let count = match args.iter().position(|a| a == "--drops") {
+            Some(j) => match args.get(j + 1).and_then(|n| n.parse::<usize>().ok()) {
+                Some(n) if (1..=1000).contains(&n) => n,
+                _ => {
+                    eprintln!("--drops needs a number of drops from 1 to 1000");
+                    return std::process::ExitCode::from(2);
+                }
+            },
+            None => 1,
+        };
+        match args.get(i + 1).and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) if n > 0 => {
+                config.drops = Some(tests::workload::CeilingDrops {
+                    to: governor_core::mib(n),
+                    count,
+                });
+            }
+            _ => {
+                eprintln!("--shrink-to-mib needs a positive number of MiB");
                 return std::process::ExitCode::from(2);
             }
         }
