@@ -345,7 +345,7 @@ fn signed_bytes(bytes: i64) -> String {
 
 /// Deterministic pseudo-random numbers (splitmix64), so every run and every check sees the
 /// same data without storing it.
-fn mix(mut x: u64) -> u64 {
+pub(crate) fn mix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

@@ -7,7 +7,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
+use tests::runaway::{RunawayConfig, run_runaway};
 use tests::workload::{CeilingDrops, WorkloadConfig, run};
 
 #[global_allocator]
@@ -54,6 +55,20 @@ struct Cli {
     /// Write the full report (configuration, peaks, counts, failures) as JSON to this file.
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
+    /// Another scenario instead of the mixed workload.
+    #[arg(long, value_enum)]
+    scenario: Option<Scenario>,
+    /// With `--scenario runaway`: never abort the runaway query (the comparison run).
+    #[arg(long, requires = "scenario")]
+    no_abort: bool,
+}
+
+/// The scenarios besides the mixed workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    /// An unspillable query that would starve ingest of its floor, aborted for it (or, with
+    /// --no-abort, not).
+    Runaway,
 }
 
 impl Cli {
@@ -97,6 +112,9 @@ async fn main() -> ExitCode {
                 .unwrap_or_else(|_| "error".into()),
         )
         .init();
+    if cli.scenario == Some(Scenario::Runaway) {
+        return runaway(!cli.no_abort, cli.prometheus).await;
+    }
     let config = cli.config();
     println!("running the mixed workload: {config:?}");
     match run(config).await {
@@ -120,6 +138,29 @@ async fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("mixed workload could not start: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The runaway scenario (see `tests::runaway`).
+async fn runaway(aborts: bool, prometheus: bool) -> ExitCode {
+    let config = RunawayConfig::small(aborts);
+    println!("running the runaway scenario: {config:?}");
+    match run_runaway(config).await {
+        Ok(report) => {
+            print!("{}", report.summary());
+            if prometheus {
+                print!("{}", report.prometheus);
+            }
+            if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("runaway scenario could not start: {e}");
             ExitCode::from(2)
         }
     }
