@@ -7,7 +7,8 @@
 //! ```
 //!
 //! * `a`: `SELECT k, SUM(v), COUNT(*) FROM t GROUP BY k ORDER BY k`, 2 M rows, 1 M distinct
-//!   keys, 2 partitions, 48 and 96 MiB: a sorter above its share that goes quiet.
+//!   keys, 2 partitions, DataFusion's default 10 MiB sort spill reservation, 48 and 96 MiB: a
+//!   sorter above its share that goes quiet.
 //! * `b`: `row_number() OVER (PARTITION BY v % 100 ORDER BY v DESC)` over 1 M values, 2
 //!   partitions, a 256 KiB sort spill reservation, 2 to 64 MiB: a merge refused while a quiet
 //!   sorter holds memory.
@@ -17,7 +18,7 @@
 //! * `d`: a sort-merge join of two 2 M-row tables at 16 MiB with a 1 MiB merge reservation
 //!   (`prefer_hash_join = false`), 2 partitions: a wait measured in wall time.
 //!
-//! `--quick` divides the rows and the limits by 4 and runs 3 times unless `--runs` says
+//! `--quick` divides the rows, the limits and the sort spill reservations by 4 and runs 3 times unless `--runs` says
 //! otherwise; `--load` keeps two busy-looping threads per core running for the whole
 //! measurement. Families a, b and d run on a 2-worker runtime.
 
@@ -52,7 +53,7 @@ fn args() -> Result<Args, String> {
         families: vec!['a', 'b', 'c', 'd'],
         quick: false,
         load: false,
-        timeout: Duration::from_secs(120),
+        timeout: Duration::from_mins(2),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -159,7 +160,7 @@ fn halves(batches: Vec<RecordBatch>) -> Vec<Vec<RecordBatch>> {
 
 fn family(id: char, scale: usize) -> Family {
     let rows = 2_000_000 / scale;
-    let limit = |mib: usize| (mib * MIB / scale).max(MIB);
+    let limit = |mib: usize| mib * MIB / scale;
     match id {
         'a' => Family {
             id,
@@ -168,7 +169,7 @@ fn family(id: char, scale: usize) -> Family {
             tables: vec![("t", keys_and_values(rows, (rows / 2) as u64))],
             limits: vec![limit(48), limit(96)],
             partitions: 2,
-            sort_reservation: 10 * MIB,
+            sort_reservation: 10 * MIB / scale,
             prefer_hash_join: true,
             flavor: Flavor::TwoWorkers,
         },
@@ -185,7 +186,7 @@ fn family(id: char, scale: usize) -> Family {
             tables: Vec::new(),
             limits: [2, 4, 8, 16, 32, 64].into_iter().map(limit).collect(),
             partitions: 2,
-            sort_reservation: 256 * 1024,
+            sort_reservation: 256 * 1024 / scale,
             prefer_hash_join: true,
             flavor: Flavor::TwoWorkers,
         },
@@ -196,7 +197,7 @@ fn family(id: char, scale: usize) -> Family {
             tables: vec![("t", distinct_payloads(rows))],
             limits: vec![limit(16)],
             partitions: 2,
-            sort_reservation: MIB,
+            sort_reservation: MIB / scale,
             prefer_hash_join: true,
             flavor: Flavor::CurrentThread,
         },
@@ -209,7 +210,7 @@ fn family(id: char, scale: usize) -> Family {
                 tables: vec![("t_build", both.clone()), ("t_probe", both)],
                 limits: vec![limit(16)],
                 partitions: 2,
-                sort_reservation: MIB,
+                sort_reservation: MIB / scale,
                 prefer_hash_join: false,
                 flavor: Flavor::TwoWorkers,
             }
@@ -308,7 +309,7 @@ struct Load {
 
 impl Load {
     fn start() -> Self {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
         let stop = Arc::new(AtomicBool::new(false));
         let threads = (0..2 * cores)
             .map(|_| {
@@ -335,7 +336,7 @@ impl Drop for Load {
 }
 
 fn mib(bytes: usize) -> String {
-    if bytes % MIB == 0 {
+    if bytes.is_multiple_of(MIB) {
         format!("{} MiB", bytes / MIB)
     } else {
         format!("{:.1} MiB", bytes as f64 / MIB as f64)
@@ -372,7 +373,7 @@ fn main() {
             "runs per cell: {}{}{}",
             args.runs,
             if args.quick {
-                ", --quick (rows and limits / 4)"
+                ", --quick (rows, limits and sort reservations / 4)"
             } else {
                 ""
             },

@@ -734,7 +734,8 @@ fn view_table() -> Arc<dyn TableProvider> {
         .map(|b| {
             let offset = b * 2000;
             let keys = datafusion::arrow::array::StringViewArray::from_iter_values(
-                (0..2000).map(|i| format!("group_key_{:029}", (offset + i) / 2)),
+                // Two rows per key; `offset` is even, so halving each part halves the sum.
+                (0..2000).map(|i| format!("group_key_{:029}", offset / 2 + i / 2)),
             );
             let payload = datafusion::arrow::array::BinaryViewArray::from_iter_values(
                 (0..2000).map(|i| format!("payload_{:023}", offset + i).into_bytes()),

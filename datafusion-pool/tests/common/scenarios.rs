@@ -179,7 +179,7 @@ impl Scenario {
             plan_contains: Vec::new(),
             plan_lacks: Vec::new(),
             documented_errors: Vec::new(),
-            timeout: Duration::from_secs(60),
+            timeout: Duration::from_mins(1),
             known_deadlock: None,
         }
     }
@@ -313,7 +313,7 @@ fn on_watchdog(scenario: &Arc<Scenario>, flavor: Flavor) -> String {
         })
         .expect("scenario thread");
     // Four pool runs and one reference run, each with its timeout, plus settling time.
-    let deadline = scenario.timeout * 6 + Duration::from_secs(60);
+    let deadline = scenario.timeout * 6 + Duration::from_mins(1);
     match finished.recv_timeout(deadline) {
         Ok(summary) => {
             worker.join().expect("scenario thread");
@@ -331,15 +331,11 @@ fn on_watchdog(scenario: &Arc<Scenario>, flavor: Flavor) -> String {
     }
 }
 
-/// The pool of `kind` at `limit`; for the governed pool also the pool and its governor, whose
-/// books are checked after each run.
-fn pool_for(
-    kind: PoolKind,
-    limit: usize,
-) -> (
-    Arc<dyn MemoryPool>,
-    Option<(Arc<GovernedMemoryPool>, Arc<MemoryGovernor>)>,
-) {
+/// A governed pool and its governor, whose books are checked after each run.
+type GovernedBooks = (Arc<GovernedMemoryPool>, Arc<MemoryGovernor>);
+
+/// The pool of `kind` at `limit`; for the governed pool also its books.
+fn pool_for(kind: PoolKind, limit: usize) -> (Arc<dyn MemoryPool>, Option<GovernedBooks>) {
     match kind {
         PoolKind::Greedy | PoolKind::Fair => (make_pool(kind, Some(limit)).0, None),
         PoolKind::Governed => {
@@ -885,7 +881,7 @@ pub fn wide_rows(rows: usize, row_bytes: usize, batch_rows: usize, view: bool) -
 pub fn keyed(rows: usize, value_column: &str, seed: u64, distinct_keys: u64) -> RecordBatch {
     let mut rng = Lcg::new(seed);
     let keys: Int32Array = (0..rows)
-        .map(|_| (rng.next() % 50 != 0).then(|| (rng.next() % distinct_keys) as i32))
+        .map(|_| (!rng.next().is_multiple_of(50)).then(|| (rng.next() % distinct_keys) as i32))
         .collect();
     let values: Int32Array = (0..rows).map(|_| Some((rng.next() % 60) as i32)).collect();
     let schema = Arc::new(Schema::new(vec![
