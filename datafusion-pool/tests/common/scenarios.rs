@@ -157,8 +157,8 @@ pub struct Scenario {
 }
 
 impl Scenario {
-    /// A scenario running `sql` at `limit` bytes, with the settings of `context()`: default
-    /// partitions are set by the caller through [`Scenario::config`].
+    /// A scenario running `sql` at `limit` bytes, on two partitions with DataFusion's other
+    /// defaults until [`Scenario::config`] says otherwise.
     pub fn sql(upstream: &'static str, sql: impl Into<String>, limit: usize) -> Self {
         Self::new(upstream, Query::Sql(sql.into()), limit)
     }
