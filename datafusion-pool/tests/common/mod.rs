@@ -5,6 +5,7 @@
 // Each test target uses a different subset of these helpers.
 #![allow(dead_code)]
 
+pub mod scenarios;
 pub mod tpch;
 
 use std::num::NonZeroUsize;
