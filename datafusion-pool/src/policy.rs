@@ -24,6 +24,17 @@
 //! * (E) a spiller's request beyond its share when `|r| = 0` and nobody is starving, if the
 //!   governor's hard check passes.
 //!
+//! * (M) an unspillable request of a sort's merge reservation past its first reservation (a
+//!   merge of spill files, which takes what it can and merges fewer files at once when
+//!   refused) only while the free memory after it still covers the first reservations of the
+//!   registered sorts that have not started (`sort_spill_reservation_bytes` each, learned
+//!   from the first merge that reserved) and `K`.
+//!
+//! (M) is stricter than (F2) for one kind of request that adapts when refused; it keeps a
+//! greedy merge from taking the reservation a later sort needs for its first batch, which
+//! fails that sort outright (DataFusion's join matrix, row 2, did exactly that under every
+//! pool now and then).
+//!
 //! (E) is the one grant FSP refuses. A reservation that holds nothing has nothing to spill, so
 //! a refusal fails its query at once — a final aggregate whose first hash-table allocation is
 //! larger than its share because many registered operators have not started yet

@@ -67,6 +67,11 @@ pub struct GovernedMemoryPool {
     starving: AtomicUsize,
     /// Registered spilling consumers (`n` of the policy), idle ones included.
     spillers: AtomicUsize,
+    /// Registered sort merge reservations that have not reserved yet (their sorts have not
+    /// started), and the largest first reservation a merge made: what each of them will ask
+    /// for (every sort of a session reserves the same `sort_spill_reservation_bytes`).
+    merges_unstarted: AtomicUsize,
+    merge_first: AtomicUsize,
     /// Signalled when this pool's consumers give bytes back; waiters sleep on it.
     release: ReleaseSignal,
     /// Registered consumers that cannot spill; the headroom is kept only while there are any.
@@ -120,6 +125,12 @@ pub struct PoolStats {
 /// Why a `try_grow` was refused; rendered into the `ResourcesExhausted` message.
 enum Denial {
     FairShare(Share),
+    /// (M): a sort merge's growth past its first reservation would take what sorts that
+    /// have not started, or spilling ones, will reserve.
+    MergeGrowth {
+        owed: usize,
+        free: usize,
+    },
     Governor(MemError),
     NotConfigured,
 }
@@ -150,6 +161,8 @@ impl GovernedMemoryPool {
             kept_merges: AtomicUsize::new(0),
             starving: AtomicUsize::new(0),
             spillers: AtomicUsize::new(0),
+            merges_unstarted: AtomicUsize::new(0),
+            merge_first: AtomicUsize::new(0),
             release: ReleaseSignal::default(),
             unspillable_consumers: AtomicUsize::new(0),
             budget_cache: AtomicUsize::new(0),
@@ -280,7 +293,35 @@ impl GovernedMemoryPool {
         let token = self
             .engine_configured
             .then(|| self.governor.charge(ENGINE, 0));
-        Consumer::new(c.id(), c.name().to_owned(), c.can_spill(), token)
+        let consumer = Consumer::new(c.id(), c.name().to_owned(), c.can_spill(), token);
+        if consumer.is_sort_merge {
+            self.merges_unstarted.fetch_add(1, Ordering::Relaxed);
+        }
+        consumer
+    }
+
+    /// (M) of the policy: a sort's merge growing past its first reservation (a merge of spill
+    /// files, which takes what it can get and merges fewer files at once when refused) must
+    /// leave the first reservations of the sorts that have not started, and what is kept for
+    /// spilling sorts, free. Refusing it costs a merge pass; taking that memory would fail the
+    /// later sort's first batch outright.
+    fn merge_growth_refused(&self, c: &Consumer, additional: usize) -> Option<Denial> {
+        let first = c.first_reservation.load(Ordering::Relaxed);
+        if !c.is_sort_merge || first == 0 || c.reserved() + additional <= first {
+            return None;
+        }
+        let owed = self
+            .merges_unstarted
+            .load(Ordering::Relaxed)
+            .saturating_mul(self.merge_first.load(Ordering::Relaxed))
+            .saturating_add(self.kept_merges.load(Ordering::Relaxed));
+        if owed == 0 {
+            return None;
+        }
+        let free = self
+            .budget(true)
+            .saturating_sub(self.reserved.load(Ordering::Relaxed));
+        (free < additional.saturating_add(owed)).then(|| Denial::MergeGrowth { owed, free })
     }
 
     /// Records `bytes` more held by `c` (its token already grew).
@@ -301,6 +342,9 @@ impl GovernedMemoryPool {
                 if c.first_reservation.load(Ordering::Relaxed) == 0 {
                     // Its first reservation: from now on it is owed what it took.
                     c.first_reservation.store(before + bytes, Ordering::Relaxed);
+                    self.merge_first
+                        .fetch_max(before + bytes, Ordering::Relaxed);
+                    self.merges_unstarted.fetch_sub(1, Ordering::Relaxed);
                 } else {
                     self.move_kept(c, before, before + bytes);
                 }
@@ -525,6 +569,14 @@ impl GovernedMemoryPool {
             Denial::Governor(e) => {
                 let _ = write!(m, "the governor refused: {e}");
             }
+            Denial::MergeGrowth { owed, free } => {
+                let _ = write!(
+                    m,
+                    "a sort merge may grow past its first reservation only while {} stays free for the merge reservations of sorts that have not started or are spilling ({} free)",
+                    hs(*owed),
+                    hs(*free)
+                );
+            }
             Denial::NotConfigured => {
                 m.push_str(
                     "the memory governor has no budget for the query engine; configure one with \
@@ -600,6 +652,9 @@ impl MemoryPool for GovernedMemoryPool {
                 let first = c.first_reservation.swap(0, Ordering::Relaxed);
                 self.kept_merges
                     .fetch_sub(merge_owed(first, 0), Ordering::Relaxed);
+                if first == 0 {
+                    self.merges_unstarted.fetch_sub(1, Ordering::Relaxed);
+                }
             }
             drop(slot);
             drop(token);
@@ -716,6 +771,8 @@ impl GovernedMemoryPool {
             if let Err(why) = self.grow_spillable(c, t, reservation_size, additional) {
                 return Err(self.deny(c, additional, &why));
             }
+        } else if let Some(why) = self.merge_growth_refused(c, additional) {
+            return Err(self.deny(c, additional, &why));
         } else if let Err(first) = t.try_grow(additional)
             && let Err(e) = self.grow_slow(c, t, additional, first)
         {

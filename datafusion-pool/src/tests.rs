@@ -198,6 +198,29 @@ fn a_reservation_holding_nothing_may_take_more_than_its_share_while_nobody_starv
 }
 
 #[test]
+fn a_growing_merge_leaves_room_for_the_merges_of_sorts_not_started() {
+    let g = query_only(kib(100));
+    let (p, d) = pool(&g, 0.0, Duration::ZERO);
+    let merge0 = unspillable(&d, "ExternalSorterMerge[0]");
+    let merge1 = unspillable(&d, "ExternalSorterMerge[1]");
+    let merge2 = unspillable(&d, "ExternalSorterMerge[2]");
+    // The first sort reserves its merge bytes: 10 KiB, as every sort of the session will.
+    merge0.try_grow(kib(10)).unwrap();
+    // Merging its spill files, it takes what it can, but not the 20 KiB the two sorts that
+    // have not started will reserve for their own merges.
+    merge0.try_grow(kib(70)).unwrap();
+    let m = exhausted(merge0.try_grow(kib(1)));
+    assert!(
+        m.contains("sort merge may grow past its first reservation"),
+        "{m}"
+    );
+    assert_eq!(p.reserved(), kib(80));
+    // The later sorts' first reservations fit.
+    merge1.try_grow(kib(10)).unwrap();
+    merge2.try_grow(kib(10)).unwrap();
+}
+
+#[test]
 fn a_current_thread_runtime_is_never_blocked_waiting_for_its_own_tasks() {
     let g = query_only(kib(100));
     let (p, d) = pool(&g, 0.0, Duration::from_secs(30));

@@ -23,6 +23,18 @@ const SORT_RESERVATION: usize = 1024 * 1024;
 const TIMEOUT: Duration = Duration::from_mins(1);
 /// Tight for SF 0.1 (about 100 MiB of data): several queries must spill or fail.
 const LIMITS: [usize; 2] = [16 * 1024 * 1024, 8 * 1024 * 1024];
+/// Attempts per query and pool (see the comment where it is used).
+const TRIES: usize = 3;
+
+/// Waits until the Query engine is empty again: aborted tasks of a failed query drop their
+/// reservations a moment after the error is returned.
+async fn settle(governor: Option<&governor_core::MemoryGovernor>) {
+    let Some(g) = governor else { return };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while g.reserved(EngineId::Query) != 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tpch_governed_completes_at_least_as_many_queries_as_builtin_pools() {
@@ -54,7 +66,18 @@ async fn tpch_governed_completes_at_least_as_many_queries_as_builtin_pools() {
             let mut done = 0;
             let mut report = Vec::new();
             for (n, sql) in &queries {
-                let outcome = run(&ctx, sql, TIMEOUT).await;
+                // Hash-join build sides cannot spill and take memory first come, first served
+                // under every pool, so which of two builds gets the last bytes is a matter of
+                // timing (Q4 at 8 MiB finishes in some runs of every pool and not in others).
+                // Every pool gets the same TRIES attempts; a query counts when one completes.
+                let mut outcome = run(&ctx, sql, TIMEOUT).await;
+                for _ in 1..TRIES {
+                    if outcome.is_done() {
+                        break;
+                    }
+                    settle(governor.as_deref()).await;
+                    outcome = run(&ctx, sql, TIMEOUT).await;
+                }
                 match &outcome {
                     Outcome::Done { rows, .. } => {
                         assert!(
@@ -81,12 +104,7 @@ async fn tpch_governed_completes_at_least_as_many_queries_as_builtin_pools() {
                     ),
                 }
                 if let Some(g) = &governor {
-                    // The next query starts from an empty Query engine; give aborted tasks of
-                    // a failed query a moment to drop their reservations.
-                    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-                    while g.reserved(EngineId::Query) != 0 && std::time::Instant::now() < deadline {
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
+                    settle(Some(g)).await;
                     assert_eq!(
                         g.reserved(EngineId::Query),
                         0,
