@@ -118,7 +118,7 @@ impl WorkloadConfig {
             query_limit: mib(96),
             bridge_limit: mib(96),
             sparse_limit: mib(8),
-            crdt_limit: mib(4),
+            crdt_limit: mib(16),
             segments: 16,
             vectors_per_segment: 3_000,
             dim: 64,
@@ -134,8 +134,9 @@ impl WorkloadConfig {
             monitor_interval: governor_core::rss_monitor::DEFAULT_RSS_MONITOR_INTERVAL,
             ceiling_from_environment: None,
             drops: None,
-            // About 11 MiB of decoded postings under an 8 MiB budget, and 128 documents
-            // whose charges add up to more than the 4 MiB Crdt budget: both evict.
+            // About 11 MiB of decoded postings under an 8 MiB budget, and 384 documents
+            // whose charges add up to more than the 16 MiB Crdt budget: both evict. Both
+            // budgets leave room for the engines' allocator drift (up to 4 MiB measured).
             sparse: SparseWork {
                 docs: 30_000,
                 vocabulary: 20_000,
@@ -147,7 +148,7 @@ impl WorkloadConfig {
                 flush_bytes: mib(1),
             },
             crdt: CrdtWork {
-                docs: 128,
+                docs: 384,
                 rounds: 12_800,
                 commit_every: 200,
                 store_cache_bytes: mib(1),
