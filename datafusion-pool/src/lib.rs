@@ -143,6 +143,7 @@ mod ext;
 mod options;
 pub mod policy;
 mod pool;
+mod query;
 mod wait;
 
 pub use consumers::ConsumerMetrics;
@@ -152,6 +153,7 @@ pub use options::{
     PoolOptions,
 };
 pub use pool::{GovernedMemoryPool, PoolStats};
+pub use query::{GovernedQuery, GovernedQueryBuilder};
 
 #[cfg(test)]
 mod tests;

@@ -32,6 +32,14 @@ pub(crate) struct EngineCounters {
     /// Times a reclaimer of this engine was quarantined for unbacked claims.
     pub(crate) reclaim_quarantines: AtomicU64,
     pub(crate) forced_bytes: AtomicU64,
+    /// Reclaim calls whose memory the books saw come back (more than nothing).
+    pub(crate) reclaim_freed: AtomicU64,
+    /// Reclaim calls that answered but gave nothing back the books could see.
+    pub(crate) reclaim_empty: AtomicU64,
+    /// Units of work of this engine aborted (by the ladder or their owners).
+    pub(crate) aborts: AtomicU64,
+    /// Units of other engines aborted to give this engine its floor back.
+    pub(crate) aborts_caused: AtomicU64,
     /// Bytes async `reserve` calls of this engine are waiting for right now (demand signal).
     pub(crate) waiting_bytes: AtomicUsize,
 }

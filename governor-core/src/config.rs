@@ -93,6 +93,10 @@ pub struct GovernorConfig {
     pub(crate) engines: [Option<EngineBudget>; EngineId::COUNT],
     pub(crate) thresholds: PressureThresholds,
     pub(crate) reclaim_timeout: Duration,
+    /// How long an entitled `reserve` waits on reclaim before it aborts a victim (`ladder`).
+    pub(crate) abort_after: Duration,
+    /// How long an entitled `reserve` waits for one aborted victim's memory (`ladder`).
+    pub(crate) victim_wait: Duration,
     pub(crate) shards: usize,
     /// `(node, bytes)`, sorted by node; empty when NUMA nodes are not bounded.
     pub(crate) node_ceilings: Vec<(usize, usize)>,
@@ -135,6 +139,18 @@ impl GovernorConfig {
         self.reclaim_timeout
     }
 
+    /// How long an entitled [`reserve`](crate::MemoryGovernor::reserve) waits for reclaim
+    /// before it aborts a victim (at most half the caller's timeout; see the `ladder` module).
+    pub fn abort_after(&self) -> Duration {
+        self.abort_after
+    }
+
+    /// How long an entitled `reserve` waits for an aborted victim's memory before it may
+    /// abort another.
+    pub fn victim_wait(&self) -> Duration {
+        self.victim_wait
+    }
+
     /// Number of admission shards per engine (see the `ledger` module).
     pub fn reservation_shards(&self) -> usize {
         self.shards
@@ -158,6 +174,8 @@ pub struct GovernorConfigBuilder {
     engines: Vec<(EngineId, EngineBudget)>,
     thresholds: Option<PressureThresholds>,
     reclaim_timeout: Option<Duration>,
+    abort_after: Option<Duration>,
+    victim_wait: Option<Duration>,
     shards: Option<usize>,
     node_ceilings: Vec<(usize, usize)>,
     ceiling_policy: Option<CeilingPolicy>,
@@ -166,6 +184,14 @@ pub struct GovernorConfigBuilder {
 
 /// The reclaim timeout used when none is configured.
 pub const DEFAULT_RECLAIM_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long an entitled request waits on reclaim before aborting a victim, when none is
+/// configured (capped per request at half its timeout, as Velox's arbitrator does).
+pub const DEFAULT_ABORT_AFTER: Duration = Duration::from_secs(2);
+
+/// How long an entitled request waits for an aborted victim's memory, when none is configured
+/// (ClickHouse's overcommit tracker waits 5 s for its victim).
+pub const DEFAULT_VICTIM_WAIT: Duration = Duration::from_secs(5);
 
 /// The largest ceiling, limit or single request the governor accepts: 1 EiB.
 ///
@@ -219,6 +245,24 @@ impl GovernorConfigBuilder {
     #[must_use]
     pub fn reclaim_timeout(mut self, timeout: Duration) -> Self {
         self.reclaim_timeout = Some(timeout);
+        self
+    }
+
+    /// How long a [`reserve`](crate::MemoryGovernor::reserve) that is *entitled* to memory
+    /// (within its engine's floor, lent out) waits for reclaim before the governor aborts a
+    /// registered unit of work for it (default 2 s; a request waits at most half its own
+    /// timeout before that step). See the `ladder` module.
+    #[must_use]
+    pub fn abort_after(mut self, wait: Duration) -> Self {
+        self.abort_after = Some(wait);
+        self
+    }
+
+    /// How long an entitled request waits for an aborted victim's memory to come back before
+    /// it may abort another (default 5 s).
+    #[must_use]
+    pub fn victim_wait(mut self, wait: Duration) -> Self {
+        self.victim_wait = Some(wait);
         self
     }
 
@@ -341,6 +385,23 @@ impl GovernorConfigBuilder {
                 ),
             ));
         }
+        let abort_after = self.abort_after.unwrap_or(DEFAULT_ABORT_AFTER);
+        let victim_wait = self.victim_wait.unwrap_or(DEFAULT_VICTIM_WAIT);
+        if victim_wait.is_zero() {
+            return Err(MemError::config(
+                "victim_wait",
+                "a zero wait would abort a new victim on every retry before the last one could \
+                 give its memory back; use at least a few milliseconds",
+            ));
+        }
+        for (field, wait) in [("abort_after", abort_after), ("victim_wait", victim_wait)] {
+            if wait > MAX_RECLAIM_TIMEOUT {
+                return Err(MemError::config(
+                    field,
+                    format!("{wait:?} is longer than the maximum of {MAX_RECLAIM_TIMEOUT:?}"),
+                ));
+            }
+        }
         let shards = match self.shards {
             Some(0) => {
                 return Err(MemError::config(
@@ -366,6 +427,8 @@ impl GovernorConfigBuilder {
             engines,
             thresholds,
             reclaim_timeout,
+            abort_after,
+            victim_wait,
             shards,
             node_ceilings,
             ceiling_policy,

@@ -7,6 +7,8 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::engine::{EngineId, human_bytes};
+use crate::story::Story;
+use crate::work::WorkRef;
 
 /// The engines holding the most memory, largest first, as `(engine, bytes)`.
 ///
@@ -129,7 +131,7 @@ pub enum MemError {
     },
     /// An async reservation waited for memory and none came in time.
     #[error(
-        "{engine} waited {waited:?} for {} and no memory was freed or reclaimed in time",
+        "{engine} waited {waited:?} for {} and no memory was freed or reclaimed in time: {story}",
         human_bytes(*requested)
     )]
     Timeout {
@@ -139,6 +141,24 @@ pub enum MemError {
         requested: usize,
         /// How long it waited.
         waited: Duration,
+        /// What the governor saw and tried: holders, lending, reclaims, victims.
+        story: Box<Story>,
+    },
+    /// The unit of work was aborted: every later reservation of it fails with this. Its owner
+    /// should stop the work and drop what it holds.
+    #[error("{victim} was aborted{}: {reason}{}",
+        requester.map(|r| format!(" to give the {r} engine its floor back")).unwrap_or_default(),
+        story.as_ref().map(|s| format!("; {s}")).unwrap_or_default()
+    )]
+    Aborted {
+        /// The unit aborted.
+        victim: WorkRef,
+        /// The engine whose request it was aborted for; `None` when its owner aborted it.
+        requester: Option<EngineId>,
+        /// Why, in words (shared: every later reservation of the unit returns this error).
+        reason: std::sync::Arc<str>,
+        /// What the governor saw when it chose the victim (absent for an owner's abort).
+        story: Option<Box<Story>>,
     },
     /// The allocator (jemalloc) could not be queried or controlled.
     #[error("allocator control failed: {reason}")]
@@ -170,6 +190,11 @@ impl MemError {
             field: field.into(),
             reason: reason.into(),
         }
+    }
+
+    /// True when the unit of work that asked was aborted (see [`MemError::Aborted`]).
+    pub fn is_abort(&self) -> bool {
+        matches!(self, MemError::Aborted { .. })
     }
 
     /// True for the admission denials (engine limit, NUMA node sub-ceiling or global

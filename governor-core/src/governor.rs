@@ -2,7 +2,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::watch;
 
@@ -15,9 +15,6 @@ use crate::metrics::StatsRegistry;
 use crate::pressure::PressureLevel;
 use crate::reclaim::ReclaimRegistry;
 use crate::reservation::ReservationToken;
-
-/// How often a waiting `reserve` asks for reclaim again when no release woke it.
-const RECLAIM_RETRY: Duration = Duration::from_millis(20);
 
 /// The memory governor: per-engine budgets under one global ceiling.
 ///
@@ -40,6 +37,10 @@ pub struct MemoryGovernor {
     pub(crate) config_changes: parking_lot::Mutex<()>,
     /// Per-engine allocator figures from the RSS monitor's reconciliation (`reconcile` module).
     pub(crate) allocation: crate::reconcile::AllocationBook,
+    /// Units of work that may be aborted (`work` module).
+    pub(crate) work: crate::work::WorkRegistry,
+    /// Recent reclaim calls, for stories (`story` module).
+    pub(crate) history: crate::story::History,
     /// Where the ceiling came from and the container's last sample (`environment` module).
     pub(crate) environment: crate::environment::EnvironmentBook,
 }
@@ -72,6 +73,8 @@ impl MemoryGovernor {
             runtime: OnceLock::new(),
             config_changes: parking_lot::Mutex::new(()),
             allocation: crate::reconcile::AllocationBook::default(),
+            work: crate::work::WorkRegistry::default(),
+            history: crate::story::History::default(),
         }))
     }
 
@@ -138,88 +141,18 @@ impl MemoryGovernor {
     ///
     /// While it waits, releases of every engine return their idle credit at once and wake it.
     /// If the engine is below its floor, borrowers are asked to give memory back; if the engine
-    /// hit its own limit, its own reclaimer (if any) is asked to free the shortfall.
+    /// hit its own limit, its own reclaimer (if any) is asked to free the shortfall. A request
+    /// within the engine's floor, lent out, that reclaim cannot satisfy in time aborts a
+    /// registered unit of work ([`register_work`](Self::register_work)) of a borrower; every
+    /// other request only waits. A timeout carries the story of what was tried. See the
+    /// `ladder` module.
     pub async fn reserve(
         self: &Arc<Self>,
         engine: EngineId,
         bytes: usize,
         timeout: Duration,
     ) -> Result<ReservationToken, MemError> {
-        let started = Instant::now();
-        // `None`: no deadline (a timeout too large to add to the clock, e.g. `Duration::MAX`).
-        let deadline = started.checked_add(timeout);
-        let first = match self.try_reserve(engine, bytes) {
-            Ok(token) => return Ok(token),
-            Err(err) if err.is_denial() => err,
-            Err(err) => return Err(err),
-        };
-        if !self
-            .books
-            .could_ever_fit(engine, self.books.node_for(None), bytes)
-        {
-            // No amount of waiting can satisfy it: above the limit, the ceiling or the node's
-            // sub-ceiling.
-            return Err(first);
-        }
-        let _waiter = WaiterGuard::new(self, engine, bytes);
-        let mut asked_reclaim = false;
-        loop {
-            let notified = self.books.released.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let last = match self.try_reserve(engine, bytes) {
-                Ok(token) => return Ok(token),
-                Err(err) if err.is_denial() => err,
-                Err(err) => return Err(err),
-            };
-            if !asked_reclaim {
-                asked_reclaim = true;
-                self.request_reclaim_for_waiter(engine, bytes, &last);
-            }
-            let now = Instant::now();
-            if deadline.is_some_and(|d| now >= d) {
-                tracing::warn!(%engine, requested = bytes, waited_ms = timeout.as_millis() as u64, cause = %last, "reservation timed out");
-                return Err(MemError::Timeout {
-                    engine,
-                    requested: bytes,
-                    waited: now - started,
-                });
-            }
-            // The sleep is a backstop: a release wakes us through `released`, and a reclaim in
-            // flight may free memory in several steps.
-            let nap = deadline.map_or(RECLAIM_RETRY, |d| (d - now).min(RECLAIM_RETRY));
-            tokio::select! {
-                () = &mut notified => {}
-                () = tokio::time::sleep(nap) => {
-                    // Ask again if the first reclaim did not do it.
-                    asked_reclaim = false;
-                }
-            }
-        }
-    }
-
-    fn request_reclaim_for_waiter(
-        self: &Arc<Self>,
-        engine: EngineId,
-        bytes: usize,
-        denial: &MemError,
-    ) {
-        let reserved = self.reserved(engine);
-        let floor = self.floor(engine);
-        match denial {
-            MemError::BudgetExhausted { available, .. } => {
-                let shortfall = bytes.saturating_sub(*available);
-                self.spawn_reclaim(crate::reclaim::ReclaimScope::Engine(engine), shortfall);
-            }
-            MemError::GlobalCeilingExceeded { .. } if reserved < floor => {
-                let owed = floor - reserved;
-                self.spawn_reclaim(
-                    crate::reclaim::ReclaimScope::BorrowersExcept(engine),
-                    bytes.min(owed),
-                );
-            }
-            _ => {}
-        }
+        self.reserve_as(engine, bytes, timeout, None).await
     }
 
     /// Books `bytes` of memory that is already resident (loaded at start-up, WAL replay).
@@ -485,37 +418,5 @@ impl std::fmt::Debug for MemoryGovernor {
             .field("global_reserved", &self.global_reserved())
             .field("untracked", &self.untracked())
             .finish_non_exhaustive()
-    }
-}
-
-/// Marks one async waiter for its whole wait, including on cancellation.
-struct WaiterGuard<'a> {
-    governor: &'a MemoryGovernor,
-    engine: EngineId,
-    bytes: usize,
-}
-
-impl<'a> WaiterGuard<'a> {
-    fn new(governor: &'a MemoryGovernor, engine: EngineId, bytes: usize) -> Self {
-        governor.books.ledger.add_waiter();
-        governor.books.counters[engine.index()]
-            .waiting_bytes
-            .fetch_add(bytes, Ordering::AcqRel);
-        // Idle credit parked in shards would otherwise hide freed memory from us.
-        governor.books.ledger.drain_all();
-        Self {
-            governor,
-            engine,
-            bytes,
-        }
-    }
-}
-
-impl Drop for WaiterGuard<'_> {
-    fn drop(&mut self) {
-        self.governor.books.counters[self.engine.index()]
-            .waiting_bytes
-            .fetch_sub(self.bytes, Ordering::AcqRel);
-        self.governor.books.ledger.remove_waiter();
     }
 }

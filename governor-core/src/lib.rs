@@ -58,6 +58,21 @@
 //! quarantined (the `reclaim` module). The `rebalance` module states the policy and runs it on a
 //! timer.
 //!
+//! ## When reclaim is not enough: aborting work
+//!
+//! A floor is a guarantee, and lending it is only safe if it always comes back. A borrower that
+//! never calls the governor again (an operator gone quiet) or cannot spill (a hash-join build)
+//! defeats reclaim, so units of work that may be stopped register with
+//! [`MemoryGovernor::register_work`] (a query, a bulk ingest, an index build: engine,
+//! priority, redo cost, abort callback). When a `reserve` *entitled* to memory — within its
+//! engine's floor, lent out — still waits after reclaim had its chance, the governor aborts the
+//! best victim: later reservations of that unit fail with [`MemError::Aborted`] and its owner
+//! is told to drop its memory (the `work` and `ladder` modules). The victim is chosen by a
+//! cost-aware formula (the `victim` module): one abort that frees enough, lowest priority,
+//! least work lost, never a floor from its owner, never state that cannot be rebuilt. A request
+//! past its floor never aborts anything. Timeouts and aborts carry a [`Story`]: who holds what,
+//! who borrowed from whom, the reclaims tried and the victim's score (the `story` module).
+//!
 //! ## Pressure
 //!
 //! Each engine and the process have a [`PressureLevel`] (Normal, Warning, Critical, Emergency
@@ -114,6 +129,7 @@ pub mod environment;
 mod error;
 mod governor;
 mod handle;
+mod ladder;
 mod ledger;
 mod loom;
 pub mod metrics;
@@ -127,11 +143,15 @@ pub mod reconcile;
 mod reservation;
 pub mod rss_monitor;
 pub mod spill;
+pub mod story;
+pub mod victim;
+mod work;
 
 pub use ceiling::{CeilingChange, CeilingMisfit, CeilingPolicy, DrainOutcome};
 pub use config::{
-    DEFAULT_RECLAIM_TIMEOUT, EngineBudget, GovernorConfig, GovernorConfigBuilder, MAX_BYTES,
-    MAX_NUMA_NODES, MAX_RECLAIM_TIMEOUT, MAX_SHARDS, PressureThresholds,
+    DEFAULT_ABORT_AFTER, DEFAULT_RECLAIM_TIMEOUT, DEFAULT_VICTIM_WAIT, EngineBudget,
+    GovernorConfig, GovernorConfigBuilder, MAX_BYTES, MAX_NUMA_NODES, MAX_RECLAIM_TIMEOUT,
+    MAX_SHARDS, PressureThresholds,
 };
 pub use container::{
     CeilingSource, ContainerFollower, ContainerProbe, ContainerSample, FollowerSettings,
@@ -154,6 +174,9 @@ pub use reclaim::{
 };
 pub use reservation::ReservationToken;
 pub use spill::{SpillAction, SpillConfig, SpillController};
+pub use story::{EngineLine, HISTORY_CAPACITY, ReclaimRecord, Story};
+pub use victim::VictimChoice;
+pub use work::{DEFAULT_PRIORITY, UnitToken, WorkHandle, WorkRef, WorkSpec};
 
 // --- allocator & NUMA (issue 6) ---
 pub use alloc::{

@@ -58,6 +58,14 @@ pub struct EngineSnapshot {
     pub reclaim_failures: u64,
     /// Times one of the engine's reclaimers was quarantined for claims the books did not back.
     pub reclaim_quarantines: u64,
+    /// Reclaim calls to the engine's reclaimers after which the books showed memory back.
+    pub reclaim_freed: u64,
+    /// Reclaim calls that answered but gave back nothing the books could see.
+    pub reclaim_empty: u64,
+    /// Units of work of this engine aborted (by the ladder, or by their owners).
+    pub aborts: u64,
+    /// Units of other engines aborted to give this engine its floor back.
+    pub aborts_caused: u64,
     /// Bytes async reservations of this engine are waiting for.
     pub waiting_bytes: usize,
     /// Pressure level.
@@ -244,6 +252,11 @@ impl GovernorSnapshot {
         #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
         struct StateLabel {
             state: String,
+        }
+        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+        struct OutcomeLabel {
+            engine: String,
+            outcome: String,
         }
         #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
         struct NodeLabel {
@@ -491,6 +504,41 @@ impl GovernorSnapshot {
             "Times a reclaimer was quarantined for claims the books did not back",
             |e| e.reclaim_quarantines,
         );
+        let outcomes = Family::<OutcomeLabel, Counter>::default();
+        for (label, e) in listed(self) {
+            for (outcome, value) in [
+                ("freed", e.reclaim_freed),
+                ("nothing", e.reclaim_empty),
+                ("failed", e.reclaim_failures),
+            ] {
+                outcomes
+                    .get_or_create(&OutcomeLabel {
+                        engine: label.engine.clone(),
+                        outcome: outcome.into(),
+                    })
+                    .inc_by(value);
+            }
+        }
+        r.register(
+            "engine_reclaim_outcomes",
+            "Reclaim calls to the engine's reclaimers by outcome: freed (the books saw memory back), \
+             nothing (answered, nothing came back), failed (error, panic, timeout, skipped)",
+            outcomes,
+        );
+        engine_counter(
+            r,
+            self,
+            "engine_aborts",
+            "Units of work of the engine aborted (by the ladder or their owners)",
+            |e| e.aborts,
+        );
+        engine_counter(
+            r,
+            self,
+            "engine_aborts_caused",
+            "Units of other engines aborted to give this engine its floor back",
+            |e| e.aborts_caused,
+        );
         engine_counter(
             r,
             self,
@@ -674,6 +722,10 @@ impl MemoryGovernor {
                     reclaimed_bytes: c.reclaimed_bytes.load(Ordering::Relaxed),
                     reclaim_failures: c.reclaim_failures.load(Ordering::Relaxed),
                     reclaim_quarantines: c.reclaim_quarantines.load(Ordering::Relaxed),
+                    reclaim_freed: c.reclaim_freed.load(Ordering::Relaxed),
+                    reclaim_empty: c.reclaim_empty.load(Ordering::Relaxed),
+                    aborts: c.aborts.load(Ordering::Relaxed),
+                    aborts_caused: c.aborts_caused.load(Ordering::Relaxed),
                     waiting_bytes: c.waiting_bytes.load(Ordering::Relaxed),
                     pressure: self.engine_pressure(engine),
                     untracked: self.engine_untracked(engine),

@@ -198,7 +198,7 @@ impl ReclaimRegistry {
             .collect()
     }
 
-    fn has(&self, engine: EngineId) -> bool {
+    pub(crate) fn has(&self, engine: EngineId) -> bool {
         self.entries.lock().iter().any(|e| e.engine == engine)
     }
 
@@ -341,13 +341,23 @@ impl MemoryGovernor {
 
     /// Starts a reclaim in the background (used by waiters and the monitors).
     pub(crate) fn spawn_reclaim(self: &Arc<Self>, scope: ReclaimScope, bytes: usize) {
+        drop(self.spawn_reclaim_tracked(scope, bytes));
+    }
+
+    /// As `spawn_reclaim`, returning the plan's task so the caller can tell when it has
+    /// answered (`None` when there is nothing to ask for).
+    pub(crate) fn spawn_reclaim_tracked(
+        self: &Arc<Self>,
+        scope: ReclaimScope,
+        bytes: usize,
+    ) -> Option<tokio::task::JoinHandle<()>> {
         if bytes == 0 {
-            return;
+            return None;
         }
         let governor = Arc::clone(self);
-        self.runtime().spawn(async move {
+        Some(self.runtime().spawn(async move {
             governor.run_plan(scope, bytes).await;
-        });
+        }))
     }
 
     /// The engines that may be asked and the most each may be asked for (what it borrowed, or
@@ -445,12 +455,21 @@ impl MemoryGovernor {
             tracing::warn!(%engine, target, %reason, "reclaimer failed; skipped");
             Err(MemError::ReclaimFailed { engine, reason })
         };
-        let skipped = |result| ReclaimStep {
-            engine,
-            asked: target,
-            result,
-            claimed: 0,
-            elapsed: Duration::ZERO,
+        let skipped = |result: Result<usize, MemError>| {
+            self.history.push(crate::story::ReclaimRecord {
+                engine,
+                asked: target,
+                result: result.as_ref().copied().map_err(ToString::to_string),
+                elapsed: Duration::ZERO,
+                at: Instant::now(),
+            });
+            ReclaimStep {
+                engine,
+                asked: target,
+                result,
+                claimed: 0,
+                elapsed: Duration::ZERO,
+            }
         };
         if health.quarantined() {
             return skipped(fail(
@@ -492,12 +511,25 @@ impl MemoryGovernor {
                 "no answer within {timeout:?}; abandoned (its thread is left to finish)"
             )),
         };
+        match &result {
+            Ok(0) => counters.reclaim_empty.fetch_add(1, Ordering::Relaxed),
+            Ok(_) => counters.reclaim_freed.fetch_add(1, Ordering::Relaxed),
+            Err(_) => 0,
+        };
+        let elapsed = started.elapsed();
+        self.history.push(crate::story::ReclaimRecord {
+            engine,
+            asked: target,
+            result: result.as_ref().copied().map_err(ToString::to_string),
+            elapsed,
+            at: Instant::now(),
+        });
         ReclaimStep {
             engine,
             asked: target,
             result,
             claimed,
-            elapsed: started.elapsed(),
+            elapsed,
         }
     }
 

@@ -11,6 +11,9 @@
 //! and every search, every query and every ingested point completed and read back exactly.
 //!
 //! The binary `mixed_workload` runs the demo sizes; `tests/mixed.rs` runs a small one.
+//! `mixed_workload --scenario runaway [--no-abort]` runs the [`runaway`] scenario instead: an
+//! unspillable query that would starve ingest of its floor, with and without aborts.
 
 pub mod engines;
+pub mod runaway;
 pub mod workload;

@@ -1,15 +1,109 @@
 //! The main job: the mixed workload on embedded data under one memory governor.
 //!
-//! `cargo run -p tests --bin mixed_workload [-- --small] [-- --prometheus]`; exits non-zero
-//! when any engine exceeded its budget, RSS passed the ceiling, or any work did not complete.
+//! `cargo run -p tests --bin mixed_workload -- --help` lists the options; exits 1 when any
+//! engine exceeded its budget, RSS passed the ceiling, or any work did not complete, and 2
+//! for a bad command line or a run that could not start.
 
-use tests::workload::{WorkloadConfig, run};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, ValueEnum};
+use tests::runaway::{RunawayConfig, run_runaway};
+use tests::workload::{CeilingDrops, WorkloadConfig, run};
 
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// Vector search, bulk timeseries ingest and SQL `GROUP BY` at once under one memory
+/// governor, on embedded in-process data with a temp dir for spills and segments. Prints each
+/// engine's peaks against its limit and the process's RSS against the ceiling.
+// Each bool is one independent command-line switch, not states of one machine.
+#[allow(clippy::struct_excessive_bools)]
+#[derive(Debug, Parser)]
+#[command(name = "mixed_workload", version, about)]
+struct Cli {
+    /// The test-suite sizes (seconds instead of a minute).
+    #[arg(long)]
+    small: bool,
+    /// The same work with budgets too large to matter: the no-governor baseline.
+    #[arg(long, conflicts_with_all = ["ceiling", "ceiling_mib"])]
+    ungoverned: bool,
+    /// Another global ceiling in MiB (engine budgets unchanged).
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u32).range(1..))]
+    ceiling_mib: Option<u32>,
+    /// `auto`: 90 % of what the environment allows (the cgroup's limit, v2 or v1, else
+    /// physical memory), followed while the run lasts.
+    #[arg(long, value_name = "auto", value_parser = ["auto"], conflicts_with = "ceiling_mib")]
+    ceiling: Option<String>,
+    /// Lower the ceiling to this many MiB at half of the ingest, as a pod resize would.
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u32).range(1..))]
+    shrink_to_mib: Option<u32>,
+    /// With --shrink-to-mib: this many drops spread over the ingest, each but the last undone
+    /// after its drain (for drain-time percentiles).
+    #[arg(long, value_name = "K", default_value_t = 1, requires = "shrink_to_mib",
+          value_parser = clap::value_parser!(u16).range(1..=1000))]
+    drops: u16,
+    /// The RSS monitor never reclaims below engines' floors.
+    #[arg(long)]
+    keep_floors: bool,
+    /// The RSS monitor's sampling interval in milliseconds.
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    monitor_ms: Option<u64>,
+    /// Print the final metrics in the Prometheus text format.
+    #[arg(long)]
+    prometheus: bool,
+    /// Write the full report (configuration, peaks, counts, failures) as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+    /// Another scenario instead of the mixed workload.
+    #[arg(long, value_enum)]
+    scenario: Option<Scenario>,
+    /// With `--scenario runaway`: never abort the runaway query (the comparison run).
+    #[arg(long, requires = "scenario")]
+    no_abort: bool,
+}
+
+/// The scenarios besides the mixed workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    /// An unspillable query that would starve ingest of its floor, aborted for it (or, with
+    /// --no-abort, not).
+    Runaway,
+}
+
+impl Cli {
+    fn config(&self) -> WorkloadConfig {
+        let mut config = if self.small {
+            WorkloadConfig::small()
+        } else {
+            WorkloadConfig::demo()
+        };
+        if self.ungoverned {
+            config = config.ungoverned();
+        }
+        config.shed_below_floors = !self.keep_floors;
+        if let Some(ms) = self.monitor_ms {
+            config.monitor_interval = std::time::Duration::from_millis(ms);
+        }
+        if let Some(mib) = self.ceiling_mib {
+            config.ceiling = governor_core::mib(mib as usize);
+        }
+        if self.ceiling.is_some() {
+            config.ceiling_from_environment = Some(0.9);
+        }
+        if let Some(mib) = self.shrink_to_mib {
+            config.drops = Some(CeilingDrops {
+                to: governor_core::mib(mib as usize),
+                count: usize::from(self.drops),
+            });
+        }
+        config
+    }
+}
+
 #[tokio::main]
-async fn main() -> std::process::ExitCode {
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
     // Denials are normal here (the cache evicts, DataFusion spills): they are `warn` events,
     // shown with RUST_LOG=warn.
     tracing_subscriber::fmt()
@@ -18,100 +112,56 @@ async fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| "error".into()),
         )
         .init();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!(
-            "mixed_workload [--small] [--ungoverned] [--ceiling-mib N | --ceiling auto] [--shrink-to-mib N [--drops K]] [--keep-floors] [--monitor-ms N] [--prometheus]\n  \
-             --small          the test-suite sizes\n  \
-             --ungoverned     the same work with budgets too large to matter (the no-governor baseline)\n  \
-             --ceiling-mib N  a different global ceiling (engine budgets unchanged)\n  \
-             --ceiling auto   the ceiling is 90% of what the environment allows (cgroup v2/v1 limit, else physical memory)\n  \
-             --shrink-to-mib N  lower the ceiling to N MiB at half of the ingest, as a pod resize would\n  \
-             --drops K        with --shrink-to-mib: K drops spread over the ingest (each but the last undone after its drain), for drain-time percentiles\n  \
-             --keep-floors    the RSS monitor never reclaims below engines' floors\n  \
-             --monitor-ms N   the RSS monitor's sampling interval (default 100)\n  \
-             --prometheus     print the final metrics"
-        );
-        return std::process::ExitCode::SUCCESS;
+    if cli.scenario == Some(Scenario::Runaway) {
+        return runaway(!cli.no_abort, cli.prometheus).await;
     }
-    let mut config = if args.iter().any(|a| a == "--small") {
-        WorkloadConfig::small()
-    } else {
-        WorkloadConfig::demo()
-    };
-    if args.iter().any(|a| a == "--ungoverned") {
-        config = config.ungoverned();
-    }
-    if args.iter().any(|a| a == "--keep-floors") {
-        config.shed_below_floors = false;
-    }
-    if let Some(i) = args.iter().position(|a| a == "--monitor-ms") {
-        match args.get(i + 1).and_then(|n| n.parse::<u64>().ok()) {
-            Some(n) if n > 0 => config.monitor_interval = std::time::Duration::from_millis(n),
-            _ => {
-                eprintln!("--monitor-ms needs a positive number of milliseconds");
-                return std::process::ExitCode::from(2);
-            }
-        }
-    }
-    if let Some(i) = args.iter().position(|a| a == "--ceiling-mib") {
-        match args.get(i + 1).and_then(|n| n.parse::<usize>().ok()) {
-            Some(n) if n > 0 => config.ceiling = governor_core::mib(n),
-            _ => {
-                eprintln!("--ceiling-mib needs a positive number of MiB");
-                return std::process::ExitCode::from(2);
-            }
-        }
-    }
-    if let Some(i) = args.iter().position(|a| a == "--ceiling") {
-        match args.get(i + 1).map(String::as_str) {
-            Some("auto") => config.ceiling_from_environment = Some(0.9),
-            _ => {
-                eprintln!("--ceiling takes `auto` (use --ceiling-mib N for a number)");
-                return std::process::ExitCode::from(2);
-            }
-        }
-    }
-    if let Some(i) = args.iter().position(|a| a == "--shrink-to-mib") {
-        let count = match args.iter().position(|a| a == "--drops") {
-            Some(j) => match args.get(j + 1).and_then(|n| n.parse::<usize>().ok()) {
-                Some(n) if (1..=1000).contains(&n) => n,
-                _ => {
-                    eprintln!("--drops needs a number of drops from 1 to 1000");
-                    return std::process::ExitCode::from(2);
-                }
-            },
-            None => 1,
-        };
-        match args.get(i + 1).and_then(|n| n.parse::<usize>().ok()) {
-            Some(n) if n > 0 => {
-                config.drops = Some(tests::workload::CeilingDrops {
-                    to: governor_core::mib(n),
-                    count,
-                });
-            }
-            _ => {
-                eprintln!("--shrink-to-mib needs a positive number of MiB");
-                return std::process::ExitCode::from(2);
-            }
-        }
-    }
+    let config = cli.config();
     println!("running the mixed workload: {config:?}");
     match run(config).await {
         Ok(report) => {
             print!("{}", report.summary());
-            if args.iter().any(|a| a == "--prometheus") {
+            if cli.prometheus {
                 print!("{}", report.prometheus);
             }
+            if let Some(path) = &cli.json {
+                let text = report.to_json().to_string();
+                if let Err(e) = std::fs::write(path, text) {
+                    eprintln!("cannot write the JSON report to {}: {e}", path.display());
+                    return ExitCode::from(2);
+                }
+            }
             if report.passed() {
-                std::process::ExitCode::SUCCESS
+                ExitCode::SUCCESS
             } else {
-                std::process::ExitCode::FAILURE
+                ExitCode::FAILURE
             }
         }
         Err(e) => {
             eprintln!("mixed workload could not start: {e}");
-            std::process::ExitCode::from(2)
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The runaway scenario (see `tests::runaway`).
+async fn runaway(aborts: bool, prometheus: bool) -> ExitCode {
+    let config = RunawayConfig::small(aborts);
+    println!("running the runaway scenario: {config:?}");
+    match run_runaway(config).await {
+        Ok(report) => {
+            print!("{}", report.summary());
+            if prometheus {
+                print!("{}", report.prometheus);
+            }
+            if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("runaway scenario could not start: {e}");
+            ExitCode::from(2)
         }
     }
 }
