@@ -252,7 +252,7 @@ async fn check_search(
 /// one pattern no LRU helps.)
 fn doc_of(docs: u64, round: u64) -> u64 {
     let r = mix(round ^ 0xD0C5);
-    if r % 4 == 0 {
+    if r.is_multiple_of(4) {
         (r >> 2) % docs
     } else {
         (r >> 2) % (docs / 4).max(1)
@@ -266,6 +266,11 @@ fn doc_id(d: u64) -> String {
 /// What round `round`'s local edit appends to its document's `local` text.
 fn local_entry(round: u64) -> String {
     format!("l{round};")
+}
+
+/// What round `round`'s remote update appends to its document's `remote_log` text.
+fn remote_entry(round: u64) -> String {
+    format!("r{round};")
 }
 
 /// The remote peer: one loro document per store document, edited as a second writer and
@@ -298,7 +303,7 @@ impl RemotePeer {
             .insert(&format!("r{round}"), round as i64)
             .map_err(|e| e.to_string())?;
         let text = doc.get_text("remote_log");
-        text.insert(text.len_unicode(), &format!("r{round};"))
+        text.insert(text.len_unicode(), &remote_entry(round))
             .map_err(|e| e.to_string())?;
         doc.commit();
         doc.export(ExportMode::updates(&before))
@@ -429,7 +434,7 @@ fn check_document(work: &CrdtWork, d: u64, value: &LoroValue) -> Result<(), Stri
     let rounds = (0..work.rounds).filter(|&r| doc_of(work.docs, r) == d);
     let count = rounds.clone().count();
     let want_local: String = rounds.clone().map(local_entry).collect();
-    let want_remote: String = rounds.clone().map(|r| format!("r{r};")).collect();
+    let want_remote: String = rounds.clone().map(remote_entry).collect();
     let map = value
         .as_map()
         .ok_or_else(|| format!("{id}: the value is not a map"))?;
@@ -454,8 +459,7 @@ fn check_document(work: &CrdtWork, d: u64, value: &LoroValue) -> Result<(), Stri
         })
     {
         return Err(format!(
-            "{id}: the remote map has {entries} entries, not the {} merged",
-            count
+            "{id}: the remote map has {entries} entries, not the {count} merged"
         ));
     }
     Ok(())
