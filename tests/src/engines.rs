@@ -58,7 +58,7 @@ pub struct SparseOutcome {
     pub inserted: u64,
     /// Searches whose top-k equalled the brute-force top-k.
     pub searches_checked: usize,
-    /// Inserts refused for lack of memory and retried.
+    /// Inserts and searches refused for lack of memory and retried.
     pub refusals: usize,
     /// Posting-block lookups that missed the cache and read the store.
     pub block_misses: u64,
@@ -95,6 +95,29 @@ pub struct CrdtOutcome {
     pub refusals: usize,
     /// Documents evicted (snapshotted when changed) during the run.
     pub evictions: u64,
+}
+
+/// Retries `op` while it fails with an error `backpressure` says is a refusal for lack of
+/// memory, counting each in `refusals`; any other error, or too many refusals, ends it with
+/// `what` and the error.
+async fn with_retry<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
+    refusals: &mut usize,
+    what: impl Fn() -> String,
+    backpressure: fn(&E) -> bool,
+    mut op: impl FnMut() -> F,
+) -> Result<T, String> {
+    let mut attempt = 0;
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) if backpressure(&e) && attempt < RETRIES => {
+                attempt += 1;
+                *refusals += 1;
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+            Err(e) => return Err(format!("{}: {e}", what())),
+        }
+    }
 }
 
 // --- Sparse -------------------------------------------------------------------------------
@@ -178,24 +201,19 @@ pub async fn sparse_ingest_and_search(
     let search_every = (work.docs / work.searches.max(1) as u64).max(1);
     let mut q = 0;
     for doc in 0..work.docs {
-        let mut attempt = 0;
-        loop {
-            match index.insert(doc, sparse_doc(&work, doc)).await {
-                Ok(()) => break,
-                Err(SparseError::Refused { .. }) if attempt < RETRIES => {
-                    attempt += 1;
-                    outcome.refusals += 1;
-                    tokio::time::sleep(RETRY_PAUSE).await;
-                }
-                Err(e) => return Err(format!("insert of document {doc}: {e}")),
-            }
-        }
+        with_retry(
+            &mut outcome.refusals,
+            || format!("insert of document {doc}"),
+            |e| matches!(e, SparseError::Refused { .. }),
+            || index.insert(doc, sparse_doc(&work, doc)),
+        )
+        .await?;
         outcome.inserted += 1;
         if (doc + 1).is_multiple_of(work.commit_every) {
             index.commit().await.map_err(|e| format!("commit: {e}"))?;
         }
         if (doc + 1).is_multiple_of(search_every) && q + 1 < work.searches {
-            check_search(&index, &work, doc + 1, q).await?;
+            check_search(&index, &work, doc + 1, q, &mut outcome.refusals).await?;
             outcome.searches_checked += 1;
             q += 1;
         }
@@ -203,7 +221,7 @@ pub async fn sparse_ingest_and_search(
     index.commit().await.map_err(|e| format!("commit: {e}"))?;
     // The rest, over the committed corpus.
     while q < work.searches {
-        check_search(&index, &work, work.docs, q).await?;
+        check_search(&index, &work, work.docs, q, &mut outcome.refusals).await?;
         outcome.searches_checked += 1;
         q += 1;
     }
@@ -218,20 +236,17 @@ async fn check_search(
     work: &SparseWork,
     docs: DocId,
     q: usize,
+    refusals: &mut usize,
 ) -> Result<(), String> {
     let query = sparse_query(work, q);
-    let mut attempt = 0;
-    let got = loop {
-        match index.search(&query, work.k) {
-            Ok(hits) => break hits,
-            // No room for a block this query needs while others hold the budget: wait.
-            Err(SparseError::Cache(_)) if attempt < RETRIES => {
-                attempt += 1;
-                tokio::time::sleep(RETRY_PAUSE).await;
-            }
-            Err(e) => return Err(format!("search {q}: {e}")),
-        }
-    };
+    // No room for a block this query needs while others hold the budget: wait, retry.
+    let got = with_retry(
+        refusals,
+        || format!("search {q}"),
+        |e| matches!(e, SparseError::Cache(_)),
+        || std::future::ready(index.search(&query, work.k)),
+    )
+    .await?;
     let want = brute_force_top_k(work, docs, &query);
     if got != want {
         return Err(format!(
@@ -317,26 +332,6 @@ fn crdt_backpressure(e: &CrdtError) -> bool {
     matches!(e, CrdtError::Cache(_) | CrdtError::Refused { .. })
 }
 
-/// Retries `op` while the store answers with backpressure.
-async fn with_retry<T, F: Future<Output = Result<T, CrdtError>>>(
-    refusals: &mut usize,
-    what: impl Fn() -> String,
-    mut op: impl FnMut() -> F,
-) -> Result<T, String> {
-    let mut attempt = 0;
-    loop {
-        match op().await {
-            Ok(v) => return Ok(v),
-            Err(e) if crdt_backpressure(&e) && attempt < RETRIES => {
-                attempt += 1;
-                *refusals += 1;
-                tokio::time::sleep(RETRY_PAUSE).await;
-            }
-            Err(e) => return Err(format!("{}: {e}", what())),
-        }
-    }
-}
-
 /// Creates the documents, then for each round makes a local edit and merges the remote
 /// peer's update of the same document, committing every `commit_every` rounds; after the
 /// run reads every document back and compares it with what was written.
@@ -387,6 +382,7 @@ pub async fn crdt_edit_and_merge(
         with_retry(
             &mut refusals,
             || format!("edit of {id} in round {round}"),
+            crdt_backpressure,
             || {
                 std::future::ready(store.edit(&id, |d| {
                     let text = d.get_text("local");
@@ -401,6 +397,7 @@ pub async fn crdt_edit_and_merge(
         with_retry(
             &mut refusals,
             || format!("merge into {id} in round {round}"),
+            crdt_backpressure,
             || store.receive(&id, update.clone()),
         )
         .await?;
@@ -416,6 +413,7 @@ pub async fn crdt_edit_and_merge(
         let value = with_retry(
             &mut refusals,
             || format!("reading {id} back"),
+            crdt_backpressure,
             || std::future::ready(store.value(&id)),
         )
         .await?;

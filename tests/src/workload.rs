@@ -313,11 +313,11 @@ impl WorkloadReport {
         );
         let _ = writeln!(
             s,
-            "sparse: {} documents inserted ({} refusals retried), {} top-k searches equal to brute force, {} block misses, {} evictions\n\
+            "sparse: {} documents inserted, {} top-k searches equal to brute force ({} refusals retried), {} block misses, {} evictions\n\
              crdt: {} edits and {} remote merges over {} documents read back as written ({} refusals retried, {} evictions)",
             self.sparse.inserted,
-            self.sparse.refusals,
             self.sparse.searches_checked,
+            self.sparse.refusals,
             self.sparse.block_misses,
             self.sparse.block_evictions,
             self.crdt.edits,
