@@ -11,29 +11,14 @@ use std::time::Duration;
 use crdt_adapter::DocStore;
 use crdt_adapter::loro::{ExportMode, LoroDoc};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use governor_core::{EngineBudget, EngineId, GovernorConfig, MemoryGovernor, mib};
+use governed_blocks::testing;
+use governor_core::{EngineId, MemoryGovernor, mib};
 
 const DOCS: usize = 40;
 const STORE_CACHE: usize = 256 * 1024;
 
 fn governor(limit: usize) -> Arc<MemoryGovernor> {
-    MemoryGovernor::new(
-        GovernorConfig::builder()
-            .global_ceiling(mib(2048))
-            .engine(EngineId::Crdt, EngineBudget::new(limit))
-            .engine(EngineId::Query, EngineBudget::new(mib(16)))
-            .build()
-            .unwrap(),
-    )
-    .unwrap()
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
+    testing::governor(EngineId::Crdt, limit, mib(2048))
 }
 
 /// A peer's update: `n` characters typed into text `body`.
@@ -59,7 +44,7 @@ fn open(gov: Arc<MemoryGovernor>, path: &Path) -> DocStore {
 }
 
 fn loads(c: &mut Criterion) {
-    let rt = runtime();
+    let rt = testing::runtime(2);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("docs.redb");
     let ids: Vec<String> = (0..DOCS).map(|i| format!("doc-{i}")).collect();
@@ -102,7 +87,7 @@ fn loads(c: &mut Criterion) {
 }
 
 fn ingest(c: &mut Criterion) {
-    let rt = runtime();
+    let rt = testing::runtime(2);
     let ids: Vec<String> = (0..DOCS).map(|i| format!("doc-{i}")).collect();
     let updates: Vec<Vec<u8>> = (0..DOCS).map(|i| update(500 + i as u64, 400)).collect();
     let mut group = c.benchmark_group("crdt_ingest_40_updates");

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use governed_blocks::{
     Batch, BatchSink, BufferStats, CacheError, CacheStats, EvictionHook, GovernedCache,
-    GovernedWriteBuffer, PersistError, Weighted,
+    GovernedWriteBuffer, PersistError, StoreSettings, Weighted,
 };
 use governor_core::{EngineId, MemoryGovernor, ReservationToken};
 use loro::{ExportMode, LoroDoc, LoroValue, VersionVector};
@@ -206,19 +206,15 @@ impl BatchSink<RemoteUpdate> for Sink {
 pub struct DocStoreBuilder {
     governor: Arc<MemoryGovernor>,
     path: PathBuf,
-    store_cache_bytes: usize,
+    settings: StoreSettings,
     edit_headroom: usize,
-    chunk: usize,
-    flush_bytes: usize,
-    wait: Duration,
-    name: String,
 }
 
 impl DocStoreBuilder {
     /// Bytes of redb's own page cache, reserved from the Crdt budget at open (default 1 MiB).
     #[must_use]
     pub fn store_cache_bytes(mut self, bytes: usize) -> Self {
-        self.store_cache_bytes = bytes;
+        self.settings.store_cache_bytes = bytes;
         self
     }
 
@@ -233,45 +229,44 @@ impl DocStoreBuilder {
     /// Bytes the update buffer takes from the governor at a time (default 64 KiB).
     #[must_use]
     pub fn chunk_bytes(mut self, bytes: usize) -> Self {
-        self.chunk = bytes;
+        self.settings.chunk_bytes = bytes;
         self
     }
 
     /// Buffered update bytes that start a flush whatever the pressure (default 4 MiB).
     #[must_use]
     pub fn flush_bytes(mut self, bytes: usize) -> Self {
-        self.flush_bytes = bytes;
+        self.settings.flush_bytes = bytes;
         self
     }
 
     /// How long `receive` may wait for memory before it refuses (default 2 s).
     #[must_use]
     pub fn receive_wait(mut self, wait: Duration) -> Self {
-        self.wait = wait;
+        self.settings.wait = wait;
         self
     }
 
     /// Name in metrics (default `crdt`).
     #[must_use]
     pub fn name(mut self, name: impl Into<String>) -> Self {
-        self.name = name.into();
+        self.settings.name = name.into();
         self
     }
 
     /// Opens (or creates) the store file and registers the document cache and the update
     /// buffer with the governor.
     pub fn open(self) -> Result<DocStore, CrdtError> {
-        let store_token = self
-            .governor
-            .try_reserve(ENGINE, self.store_cache_bytes)
+        let settings = &self.settings;
+        let store_token = settings
+            .reserve_store_cache(&self.governor, ENGINE)
             .map_err(|source| CrdtError::NoRoomForStore {
-                bytes: self.store_cache_bytes,
+                bytes: settings.store_cache_bytes,
                 source,
             })?;
-        let db = store::open(&self.path, self.store_cache_bytes)?;
-        let db = Arc::new(db);
-        let cache = GovernedCache::builder(Arc::clone(&self.governor), ENGINE)
-            .name(format!("{}-documents", self.name))
+        let db = Arc::new(store::open(&self.path, settings.store_cache_bytes)?);
+        let cache = settings
+            .cache(&self.governor, ENGINE, "documents")
             .eviction_hook(Arc::new(PersistOnEvict(Arc::clone(&db))))
             .build()?;
         let shared = Arc::new(Shared {
@@ -279,16 +274,14 @@ impl DocStoreBuilder {
             cache,
             publish: RwLock::new(()),
         });
-        let buffer = GovernedWriteBuffer::builder(
-            Arc::clone(&self.governor),
-            ENGINE,
-            Arc::new(Sink(Arc::clone(&shared))),
-        )
-        .name(format!("{}-updates", self.name))
-        .chunk_bytes(self.chunk)
-        .flush_bytes(self.flush_bytes)
-        .wait(self.wait)
-        .build()?;
+        let buffer = settings
+            .write_buffer(
+                &self.governor,
+                ENGINE,
+                "updates",
+                Arc::new(Sink(Arc::clone(&shared))),
+            )
+            .build()?;
         Ok(DocStore {
             shared,
             buffer,
@@ -358,12 +351,8 @@ impl DocStore {
         DocStoreBuilder {
             governor,
             path: path.as_ref().to_owned(),
-            store_cache_bytes: 1024 * 1024,
+            settings: StoreSettings::new("crdt"),
             edit_headroom: 16 * 1024,
-            chunk: 64 * 1024,
-            flush_bytes: 4 * 1024 * 1024,
-            wait: Duration::from_secs(2),
-            name: "crdt".to_owned(),
         }
     }
 

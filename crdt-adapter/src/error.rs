@@ -101,31 +101,4 @@ pub enum CrdtError {
     },
 }
 
-macro_rules! via_redb {
-    ($($t:ty),*) => {$(
-        impl From<$t> for CrdtError {
-            fn from(e: $t) -> Self {
-                CrdtError::Store(e.into())
-            }
-        }
-    )*};
-}
-
-via_redb!(
-    redb::StorageError,
-    redb::TableError,
-    redb::TransactionError,
-    redb::CommitError
-);
-
-impl From<CacheError> for CrdtError {
-    fn from(e: CacheError) -> Self {
-        CrdtError::Cache(Box::new(e))
-    }
-}
-
-impl From<FlushError> for CrdtError {
-    fn from(e: FlushError) -> Self {
-        CrdtError::Flush(Box::new(e))
-    }
-}
+governed_blocks::store_error_conversions!(CrdtError);

@@ -1,20 +1,19 @@
 //! A child process editing documents and receiving peers' updates is killed mid-ingest;
 //! every acknowledged update (a commit that returned after it) is there after reopening.
 //!
-//! The test binary runs itself as the child: with `CRDT_CRASH_CHILD` set, the test body
-//! ingests until killed instead of testing.
+//! The test binary runs itself as the child (`governed_blocks::testing::CrashHarness`): with
+//! `CRDT_CRASH_CHILD` set, the test body ingests until killed instead of testing.
 
 mod common;
-
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 
 use common::governor;
 use crdt_adapter::DocStore;
 use crdt_adapter::loro::{ExportMode, LoroDoc, LoroValue};
+use governed_blocks::testing::{CrashHarness, ack, runtime};
 use governor_core::mib;
 
-const CHILD_ENV: &str = "CRDT_CRASH_CHILD";
+const HARNESS: CrashHarness =
+    CrashHarness::new("acknowledged_updates_survive_a_kill", "CRDT_CRASH_CHILD");
 const DOCS: u64 = 5;
 
 fn doc_of(round: u64) -> String {
@@ -33,12 +32,7 @@ fn remote(round: u64) -> Vec<u8> {
 }
 
 fn child(path: &str) -> ! {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    runtime(2).block_on(async {
         // A small budget, so documents are evicted (snapshotted) while ingest runs.
         let store = DocStore::builder(governor(mib(2)), path)
             .store_cache_bytes(256 * 1024)
@@ -59,7 +53,7 @@ fn child(path: &str) -> ! {
             store.receive(&id, remote(round)).await.unwrap();
             if round % 3 == 2 {
                 store.commit().await.unwrap();
-                println!("ACK {}", round + 1);
+                ack(round + 1);
             }
         }
     });
@@ -68,41 +62,12 @@ fn child(path: &str) -> ! {
 
 #[test]
 fn acknowledged_updates_survive_a_kill() {
-    if let Ok(path) = std::env::var(CHILD_ENV) {
+    if let Some(path) = HARNESS.child_path() {
         child(&path);
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("crash.redb");
-    let mut proc = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "acknowledged_updates_survive_a_kill",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_ENV, &path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut acked = 0u64;
-    let mut lines = BufReader::new(proc.stdout.take().unwrap()).lines();
-    while acked < 60 {
-        let line = lines
-            .next()
-            .expect("child ended before acknowledging enough")
-            .unwrap();
-        if let Some(n) = line.strip_prefix("ACK ") {
-            acked = n.parse().unwrap();
-        }
-    }
-    proc.kill().unwrap();
-    proc.wait().unwrap();
-    for line in lines.map_while(Result::ok) {
-        if let Some(n) = line.strip_prefix("ACK ") {
-            acked = acked.max(n.parse().unwrap());
-        }
-    }
+    let acked = HARNESS.run_and_kill(&path, 60);
     let store = DocStore::builder(governor(mib(64)), &path)
         .open()
         .expect("the store opens after a kill");

@@ -58,6 +58,14 @@
 //!   pluggable container (item = point, container = series → block), which would add a
 //!   trait to this crate for one user; not worth it until a third engine needs the same.
 //!
+//! # Shared adapter plumbing
+//!
+//! [`StoreSettings`] builds both blocks from the knobs every adapter over an embedded store
+//! has, and [`store_error_conversions!`] gives an adapter's error type its conversions from
+//! the blocks' errors and `redb`'s. With the feature `testing` (for adapters'
+//! dev-dependencies), `testing` holds a test governor, a runtime and the kill-a-child
+//! crash harness the adapters' crash tests share.
+//!
 //! # Limits
 //!
 //! The cache's LRU order is exact (a recency stamp per access, a B-tree of stamps) at the
@@ -68,12 +76,16 @@
 
 pub mod cache;
 pub mod error;
+pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod write_buffer;
 
 pub use cache::{
     CacheBuilder, CacheStats, ENTRY_OVERHEAD, EvictionHook, GovernedCache, ShedPolicy,
 };
 pub use error::{AppendError, AppendRefusal, CacheError, FlushError, PersistError};
+pub use store::StoreSettings;
 pub use write_buffer::{
     Batch, BatchSink, BufferStats, GovernedWriteBuffer, Weighted, WriteBufferBuilder,
 };

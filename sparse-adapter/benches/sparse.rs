@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use governor_core::{EngineBudget, EngineId, GovernorConfig, MemoryGovernor, mib};
+use governed_blocks::testing;
+use governor_core::{EngineId, MemoryGovernor, mib};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sparse_adapter::block::Posting;
@@ -53,23 +54,7 @@ fn queries(n: usize) -> Vec<SparseVector> {
 }
 
 fn governor(limit: usize) -> Arc<MemoryGovernor> {
-    MemoryGovernor::new(
-        GovernorConfig::builder()
-            .global_ceiling(mib(1024))
-            .engine(EngineId::Sparse, EngineBudget::new(limit))
-            .engine(EngineId::Query, EngineBudget::new(mib(16)))
-            .build()
-            .unwrap(),
-    )
-    .unwrap()
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
+    testing::governor(EngineId::Sparse, limit, mib(1024))
 }
 
 async fn ingest(index: &SparseIndex, docs: &[(u64, SparseVector)]) {
@@ -95,7 +80,7 @@ fn open(gov: Arc<MemoryGovernor>, path: &Path) -> SparseIndex {
 }
 
 fn search(c: &mut Criterion) {
-    let rt = runtime();
+    let rt = testing::runtime(2);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bench.redb");
     let docs = corpus(DOCS, 1);
@@ -124,7 +109,7 @@ fn search(c: &mut Criterion) {
 }
 
 fn ingest_bench(c: &mut Criterion) {
-    let rt = runtime();
+    let rt = testing::runtime(2);
     let docs = corpus(500, 2);
     let data = data_bytes(&docs);
     let mut group = c.benchmark_group("sparse_ingest_500_docs");

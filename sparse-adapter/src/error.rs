@@ -79,31 +79,4 @@ pub enum SparseError {
     },
 }
 
-macro_rules! via_redb {
-    ($($t:ty),*) => {$(
-        impl From<$t> for SparseError {
-            fn from(e: $t) -> Self {
-                SparseError::Store(e.into())
-            }
-        }
-    )*};
-}
-
-via_redb!(
-    redb::StorageError,
-    redb::TableError,
-    redb::TransactionError,
-    redb::CommitError
-);
-
-impl From<CacheError> for SparseError {
-    fn from(e: CacheError) -> Self {
-        SparseError::Cache(Box::new(e))
-    }
-}
-
-impl From<FlushError> for SparseError {
-    fn from(e: FlushError) -> Self {
-        SparseError::Flush(Box::new(e))
-    }
-}
+governed_blocks::store_error_conversions!(SparseError);

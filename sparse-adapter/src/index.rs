@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use governed_blocks::{
     Batch, BatchSink, BufferStats, CacheError, CacheStats, GovernedCache, GovernedWriteBuffer,
-    PersistError, Weighted,
+    PersistError, StoreSettings, Weighted,
 };
 use governor_core::{EngineId, MemoryGovernor, ReservationToken};
 use parking_lot::RwLock;
@@ -101,11 +101,7 @@ impl BatchSink<PendingDoc> for Sink {
 pub struct SparseIndexBuilder {
     governor: Arc<MemoryGovernor>,
     path: PathBuf,
-    store_cache_bytes: usize,
-    chunk: usize,
-    flush_bytes: usize,
-    wait: Duration,
-    name: String,
+    settings: StoreSettings,
 }
 
 impl SparseIndexBuilder {
@@ -113,28 +109,28 @@ impl SparseIndexBuilder {
     /// 1 MiB). redb keeps its read cache and write buffer together within this size.
     #[must_use]
     pub fn store_cache_bytes(mut self, bytes: usize) -> Self {
-        self.store_cache_bytes = bytes;
+        self.settings.store_cache_bytes = bytes;
         self
     }
 
     /// Bytes the write buffer takes from the governor at a time (default 64 KiB).
     #[must_use]
     pub fn chunk_bytes(mut self, bytes: usize) -> Self {
-        self.chunk = bytes;
+        self.settings.chunk_bytes = bytes;
         self
     }
 
     /// Buffered bytes that start a flush whatever the pressure (default 4 MiB).
     #[must_use]
     pub fn flush_bytes(mut self, bytes: usize) -> Self {
-        self.flush_bytes = bytes;
+        self.settings.flush_bytes = bytes;
         self
     }
 
     /// How long an insert may wait for memory before it is refused (default 2 s).
     #[must_use]
     pub fn insert_wait(mut self, wait: Duration) -> Self {
-        self.wait = wait;
+        self.settings.wait = wait;
         self
     }
 
@@ -142,40 +138,36 @@ impl SparseIndexBuilder {
     /// `<name>-buffer`.
     #[must_use]
     pub fn name(mut self, name: impl Into<String>) -> Self {
-        self.name = name.into();
+        self.settings.name = name.into();
         self
     }
 
     /// Opens (or creates) the store file and registers the cache and buffer with the
     /// governor. A file that is not a redb database, or not one of ours, is an error.
     pub fn open(self) -> Result<SparseIndex, SparseError> {
-        let store_token = self
-            .governor
-            .try_reserve(ENGINE, self.store_cache_bytes)
+        let settings = &self.settings;
+        let store_token = settings
+            .reserve_store_cache(&self.governor, ENGINE)
             .map_err(|source| SparseError::NoRoomForStore {
-                bytes: self.store_cache_bytes,
+                bytes: settings.store_cache_bytes,
                 source,
             })?;
-        let db = store::open(&self.path, self.store_cache_bytes)?;
-        let cache = GovernedCache::builder(Arc::clone(&self.governor), ENGINE)
-            .name(format!("{}-cache", self.name))
-            .build()?;
+        let db = store::open(&self.path, settings.store_cache_bytes)?;
+        let cache = settings.cache(&self.governor, ENGINE, "cache").build()?;
         let shared = Arc::new(Shared {
             db,
             cache,
             publish: RwLock::new(()),
             stored_through: AtomicU64::new(0),
         });
-        let buffer = GovernedWriteBuffer::builder(
-            Arc::clone(&self.governor),
-            ENGINE,
-            Arc::new(Sink(Arc::clone(&shared))),
-        )
-        .name(format!("{}-buffer", self.name))
-        .chunk_bytes(self.chunk)
-        .flush_bytes(self.flush_bytes)
-        .wait(self.wait)
-        .build()?;
+        let buffer = settings
+            .write_buffer(
+                &self.governor,
+                ENGINE,
+                "buffer",
+                Arc::new(Sink(Arc::clone(&shared))),
+            )
+            .build()?;
         Ok(SparseIndex {
             shared,
             buffer,
@@ -208,11 +200,7 @@ impl SparseIndex {
         SparseIndexBuilder {
             governor,
             path: path.as_ref().to_owned(),
-            store_cache_bytes: 1024 * 1024,
-            chunk: 64 * 1024,
-            flush_bytes: 4 * 1024 * 1024,
-            wait: Duration::from_secs(2),
-            name: "sparse".to_owned(),
+            settings: StoreSettings::new("sparse"),
         }
     }
 

@@ -1,28 +1,24 @@
 //! A child process ingesting documents is killed mid-ingest; every document it had
 //! acknowledged (a commit that returned after its insert) is found after reopening.
 //!
-//! The test binary runs itself as the child: with `SPARSE_CRASH_CHILD` set, the test body
-//! ingests until killed instead of testing.
+//! The test binary runs itself as the child (`governed_blocks::testing::CrashHarness`): with
+//! `SPARSE_CRASH_CHILD` set, the test body ingests until killed instead of testing.
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-
 use common::{corpus, governor, own_term};
+use governed_blocks::testing::{CrashHarness, ack, runtime};
 use governor_core::mib;
 use sparse_adapter::{SparseIndex, SparseVector};
 
-const CHILD_ENV: &str = "SPARSE_CRASH_CHILD";
+const HARNESS: CrashHarness = CrashHarness::new(
+    "acknowledged_documents_survive_a_kill",
+    "SPARSE_CRASH_CHILD",
+);
 const BATCH: u64 = 25;
 
 fn child(path: &str) -> ! {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    runtime(2).block_on(async {
         let index = SparseIndex::builder(governor(mib(4)), path)
             .store_cache_bytes(256 * 1024)
             .flush_bytes(64 * 1024)
@@ -33,7 +29,7 @@ fn child(path: &str) -> ! {
             index.insert(d, v).await.unwrap();
             if (i as u64 + 1).is_multiple_of(BATCH) {
                 index.commit().await.unwrap();
-                println!("ACK {}", i + 1);
+                ack(i as u64 + 1);
             }
         }
     });
@@ -42,43 +38,13 @@ fn child(path: &str) -> ! {
 
 #[test]
 fn acknowledged_documents_survive_a_kill() {
-    if let Ok(path) = std::env::var(CHILD_ENV) {
+    if let Some(path) = HARNESS.child_path() {
         child(&path);
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("crash.redb");
-    let mut proc = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "acknowledged_documents_survive_a_kill",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_ENV, &path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut acked = 0u64;
-    let mut lines = BufReader::new(proc.stdout.take().unwrap()).lines();
     // Kill after the child acknowledged 8 batches: it is inserting or committing the next.
-    while acked < 8 * BATCH {
-        let line = lines
-            .next()
-            .expect("child ended before acknowledging enough")
-            .unwrap();
-        if let Some(n) = line.strip_prefix("ACK ") {
-            acked = n.parse().unwrap();
-        }
-    }
-    proc.kill().unwrap();
-    proc.wait().unwrap();
-    // Lines already written before the kill are acknowledgements too.
-    for line in lines.map_while(Result::ok) {
-        if let Some(n) = line.strip_prefix("ACK ") {
-            acked = acked.max(n.parse().unwrap());
-        }
-    }
+    let acked = HARNESS.run_and_kill(&path, 8 * BATCH);
     let index = SparseIndex::builder(governor(mib(8)), &path)
         .open()
         .expect("the store opens after a kill");

@@ -21,6 +21,10 @@ use hnsw_adapter::{HnswCache, HnswParams, SegmentId};
 use parking_lot::Mutex;
 use timeseries_adapter::{FileSegmentFlusher, Point, SeriesId, TimeseriesAdapter};
 
+use crate::engines::{
+    CrdtOutcome, CrdtWork, SparseOutcome, SparseWork, crdt_edit_and_merge, sparse_ingest_and_search,
+};
+
 /// Sizes and budgets of one run.
 #[derive(Clone, Debug)]
 pub struct WorkloadConfig {
@@ -34,6 +38,10 @@ pub struct WorkloadConfig {
     pub query_limit: usize,
     /// Bridge engine limit (holds the SQL input table, booked as resident data).
     pub bridge_limit: usize,
+    /// Sparse engine limit.
+    pub sparse_limit: usize,
+    /// Crdt engine limit.
+    pub crdt_limit: usize,
     /// HNSW segments.
     pub segments: usize,
     /// Vectors per segment.
@@ -67,6 +75,10 @@ pub struct WorkloadConfig {
     pub ceiling_from_environment: Option<f64>,
     /// Ceiling drops while the timeseries ingest runs.
     pub drops: Option<CeilingDrops>,
+    /// The Sparse engine's posting ingest and checked searches.
+    pub sparse: SparseWork,
+    /// The Crdt engine's edits and merges.
+    pub crdt: CrdtWork,
 }
 
 /// Lowering the ceiling mid-run, as an operator resizing the container would.
@@ -105,6 +117,8 @@ impl WorkloadConfig {
             timeseries_limit: mib(16),
             query_limit: mib(96),
             bridge_limit: mib(96),
+            sparse_limit: mib(8),
+            crdt_limit: mib(16),
             segments: 16,
             vectors_per_segment: 3_000,
             dim: 64,
@@ -120,6 +134,26 @@ impl WorkloadConfig {
             monitor_interval: governor_core::rss_monitor::DEFAULT_RSS_MONITOR_INTERVAL,
             ceiling_from_environment: None,
             drops: None,
+            // About 11 MiB of decoded postings under an 8 MiB budget, and 384 documents
+            // whose charges add up to more than the 16 MiB Crdt budget: both evict. Both
+            // budgets leave room for the engines' allocator drift (up to 4 MiB measured).
+            sparse: SparseWork {
+                docs: 30_000,
+                vocabulary: 20_000,
+                terms_per_doc: 24,
+                searches: 100,
+                k: 10,
+                commit_every: 2_000,
+                store_cache_bytes: mib(1),
+                flush_bytes: mib(1),
+            },
+            crdt: CrdtWork {
+                docs: 384,
+                rounds: 12_800,
+                commit_every: 200,
+                store_cache_bytes: mib(1),
+                flush_bytes: 256 * 1024,
+            },
         }
     }
 
@@ -135,6 +169,8 @@ impl WorkloadConfig {
             timeseries_limit: huge,
             query_limit: huge,
             bridge_limit: huge,
+            sparse_limit: huge,
+            crdt_limit: huge,
             ..self
         }
     }
@@ -149,6 +185,8 @@ impl WorkloadConfig {
             timeseries_limit: mib(4),
             query_limit: mib(24),
             bridge_limit: mib(16),
+            sparse_limit: mib(3),
+            crdt_limit: mib(8),
             segments: 6,
             vectors_per_segment: 400,
             dim: 16,
@@ -164,6 +202,26 @@ impl WorkloadConfig {
             monitor_interval: governor_core::rss_monitor::DEFAULT_RSS_MONITOR_INTERVAL,
             ceiling_from_environment: None,
             drops: None,
+            // More documents than the Crdt budget holds (about 36 KiB each), so it evicts;
+            // the budgets leave the engines' allocator drift (redb, thread caches of evicted
+            // documents) room under their limits.
+            sparse: SparseWork {
+                docs: 6_000,
+                vocabulary: 2_000,
+                terms_per_doc: 12,
+                searches: 80,
+                k: 10,
+                commit_every: 500,
+                store_cache_bytes: 256 * 1024,
+                flush_bytes: 128 * 1024,
+            },
+            crdt: CrdtWork {
+                docs: 256,
+                rounds: 2_000,
+                commit_every: 50,
+                store_cache_bytes: 256 * 1024,
+                flush_bytes: 32 * 1024,
+            },
         }
     }
 }
@@ -191,6 +249,10 @@ pub struct WorkloadReport {
     pub engine_peaks: Vec<(EngineId, usize, usize)>,
     /// Per engine with its own arena: what the allocator says it really held.
     pub engine_allocations: Vec<(EngineId, governor_core::EngineAllocation)>,
+    /// What the Sparse engine's part did.
+    pub sparse: SparseOutcome,
+    /// What the Crdt engine's part did.
+    pub crdt: CrdtOutcome,
     /// Invariant breaches the sampler saw, and work that did not complete.
     pub failures: Vec<String>,
     /// Sampler readings.
@@ -248,6 +310,21 @@ impl WorkloadReport {
             human_bytes(self.kernel_peak_rss),
             human_bytes(self.peak_booked),
             self.samples,
+        );
+        let _ = writeln!(
+            s,
+            "sparse: {} documents inserted, {} top-k searches equal to brute force ({} refusals retried), {} block misses, {} evictions\n\
+             crdt: {} edits and {} remote merges over {} documents read back as written ({} refusals retried, {} evictions)",
+            self.sparse.inserted,
+            self.sparse.searches_checked,
+            self.sparse.refusals,
+            self.sparse.block_misses,
+            self.sparse.block_evictions,
+            self.crdt.edits,
+            self.crdt.merges,
+            self.crdt.docs_verified,
+            self.crdt.refusals,
+            self.crdt.evictions,
         );
         let m = &self.monitor;
         let _ = writeln!(
@@ -372,8 +449,8 @@ fn point(series: usize, i: usize) -> Point {
 /// ([`MemoryGovernor::engine_runtime_builder`]). Shut down in the background when dropped: the
 /// workload drops them from async code, where a blocking shutdown is not allowed.
 struct EngineRuntimes {
-    /// Vector, Timeseries, Query; `None` only while being dropped.
-    runtimes: [Option<tokio::runtime::Runtime>; 3],
+    /// Vector, Timeseries, Query, Sparse, Crdt; `None` only while being dropped.
+    runtimes: [Option<tokio::runtime::Runtime>; 5],
 }
 
 impl EngineRuntimes {
@@ -394,6 +471,8 @@ impl EngineRuntimes {
                 build(EngineId::Vector, 1)?,
                 build(EngineId::Timeseries, 1)?,
                 build(EngineId::Query, 2)?,
+                build(EngineId::Sparse, 1)?,
+                build(EngineId::Crdt, 1)?,
             ],
         })
     }
@@ -412,6 +491,14 @@ impl EngineRuntimes {
 
     fn query(&self) -> &tokio::runtime::Handle {
         self.get(2)
+    }
+
+    fn sparse(&self) -> &tokio::runtime::Handle {
+        self.get(3)
+    }
+
+    fn crdt(&self) -> &tokio::runtime::Handle {
+        self.get(4)
     }
 }
 
@@ -448,6 +535,14 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
                 EngineBudget::new(config.query_limit).with_floor(config.query_limit / 4),
             )
             .engine(EngineId::Bridge, EngineBudget::new(config.bridge_limit))
+            .engine(
+                EngineId::Sparse,
+                EngineBudget::new(config.sparse_limit).with_floor(config.sparse_limit / 2),
+            )
+            .engine(
+                EngineId::Crdt,
+                EngineBudget::new(config.crdt_limit).with_floor(config.crdt_limit / 2),
+            )
             .build()
             .map_err(|e| e.to_string())?,
     )
@@ -504,6 +599,8 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
                     EngineId::Timeseries,
                     EngineId::Query,
                     EngineId::Bridge,
+                    EngineId::Sparse,
+                    EngineId::Crdt,
                 ] {
                     // The promise the books keep at every instant: live reservations within
                     // the limit. (`granted` also carries the allocator drift charged to the
@@ -587,6 +684,18 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
             .query()
             .spawn(async move { sql_group_by(governor, &cfg, path).await })
     };
+    let sparse = {
+        let (governor, work, dir) = (governor.clone(), config.sparse, dir.path().to_owned());
+        runtimes
+            .sparse()
+            .spawn(async move { sparse_ingest_and_search(governor, work, &dir).await })
+    };
+    let crdt = {
+        let (governor, work, dir) = (governor.clone(), config.crdt, dir.path().to_owned());
+        runtimes
+            .crdt()
+            .spawn(async move { crdt_edit_and_merge(governor, work, &dir).await })
+    };
     let mut report = WorkloadReport {
         ceiling: config.ceiling,
         ..WorkloadReport::default()
@@ -606,6 +715,14 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
     match sql.await.map_err(|e| e.to_string())? {
         Ok(done) => report.queries_done = done,
         Err(e) => failures.lock().push(format!("sql: {e}")),
+    }
+    match sparse.await.map_err(|e| e.to_string())? {
+        Ok(outcome) => report.sparse = outcome,
+        Err(e) => failures.lock().push(format!("sparse: {e}")),
+    }
+    match crdt.await.map_err(|e| e.to_string())? {
+        Ok(outcome) => report.crdt = outcome,
+        Err(e) => failures.lock().push(format!("crdt: {e}")),
     }
     if let Some(dropper) = dropper {
         match dropper.await.map_err(|e| e.to_string())? {
@@ -636,6 +753,18 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
         failures.push(format!(
             "{} of {expected_points} points read back",
             report.points_verified
+        ));
+    }
+    if report.sparse.searches_checked != config.sparse.searches {
+        failures.push(format!(
+            "{} of {} sparse searches checked",
+            report.sparse.searches_checked, config.sparse.searches
+        ));
+    }
+    if report.crdt.docs_verified != config.crdt.docs {
+        failures.push(format!(
+            "{} of {} documents read back",
+            report.crdt.docs_verified, config.crdt.docs
         ));
     }
     if report.queries_done != config.sql_queries {
@@ -1007,6 +1136,20 @@ impl WorkloadReport {
             "final_ceiling": self.final_ceiling,
             "samples": self.samples,
             "engines": engines,
+            "sparse": {
+                "inserted": self.sparse.inserted,
+                "searches_checked": self.sparse.searches_checked,
+                "refusals": self.sparse.refusals,
+                "block_misses": self.sparse.block_misses,
+                "block_evictions": self.sparse.block_evictions,
+            },
+            "crdt": {
+                "edits": self.crdt.edits,
+                "merges": self.crdt.merges,
+                "docs_verified": self.crdt.docs_verified,
+                "refusals": self.crdt.refusals,
+                "evictions": self.crdt.evictions,
+            },
             "drops": drops,
             "monitor": {
                 "emergencies": self.monitor.emergencies,

@@ -3,10 +3,9 @@
 #![allow(dead_code)]
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use crdt_adapter::loro::{ExportMode, LoroDoc};
-use governor_core::{EngineBudget, EngineId, GovernorConfig, MemoryGovernor, mib};
+use governor_core::{EngineId, MemoryGovernor, mib};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -85,14 +84,5 @@ pub fn peer_updates(kind: Kind, n: usize, seed: u64) -> Vec<u8> {
 
 /// A governor with a Crdt budget of `limit`.
 pub fn governor(limit: usize) -> Arc<MemoryGovernor> {
-    MemoryGovernor::new(
-        GovernorConfig::builder()
-            .global_ceiling(mib(1024))
-            .engine(EngineId::Crdt, EngineBudget::new(limit))
-            .engine(EngineId::Query, EngineBudget::new(mib(64)))
-            .reclaim_timeout(Duration::from_secs(30))
-            .build()
-            .unwrap(),
-    )
-    .unwrap()
+    governed_blocks::testing::governor(EngineId::Crdt, limit, mib(1024))
 }

@@ -4,9 +4,8 @@
 #![allow(dead_code)]
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use governor_core::{EngineBudget, EngineId, GovernorConfig, MemoryGovernor, mib};
+use governor_core::{EngineId, MemoryGovernor, mib};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sparse_adapter::{DocId, SparseVector};
@@ -61,14 +60,5 @@ pub fn queries(n: usize, seed: u64) -> Vec<SparseVector> {
 
 /// A governor with a Sparse budget of `limit`.
 pub fn governor(limit: usize) -> Arc<MemoryGovernor> {
-    MemoryGovernor::new(
-        GovernorConfig::builder()
-            .global_ceiling(mib(512))
-            .engine(EngineId::Sparse, EngineBudget::new(limit))
-            .engine(EngineId::Query, EngineBudget::new(mib(64)))
-            .reclaim_timeout(Duration::from_secs(30))
-            .build()
-            .unwrap(),
-    )
-    .unwrap()
+    governed_blocks::testing::governor(EngineId::Sparse, limit, mib(512))
 }
