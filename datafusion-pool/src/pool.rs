@@ -426,6 +426,7 @@ impl GovernedMemoryPool {
         &self,
         c: &Consumer,
         token: &mut ReservationToken,
+        reservation_size: usize,
         bytes: usize,
         first: MemError,
     ) -> Result<(), MemError> {
@@ -453,16 +454,27 @@ impl GovernedMemoryPool {
             return Err(last);
         }
         let share = self.share(true);
-        let squeeze = if c.can_spill {
+        // A spilling reservation that holds nothing cannot spill either (an aggregate
+        // replaying its spills asks for its table while its merge holds the rest): like an
+        // unspillable consumer it squeezes the other spillers rather than fail.
+        let cannot_spill = !c.can_spill || reservation_size == 0;
+        let squeeze = if cannot_spill {
+            let others = self.spillable_reserved().saturating_sub(if c.can_spill {
+                c.reserved()
+            } else {
+                0
+            });
+            // Another requester's reclaim of the same loan may still be running (a reclaimer
+            // is asked by one plan at a time): its bytes are worth waiting for too.
+            if others == 0 && !borrowed_elsewhere {
+                return Err(last);
+            }
+            bytes
+        } else {
             if self.held_above_share(c.id, share.per_reservation) == 0 {
                 return Err(last);
             }
             0
-        } else {
-            if self.spillable_reserved() == 0 {
-                return Err(last);
-            }
-            bytes
         };
         self.waits.fetch_add(1, Ordering::Relaxed);
         self.pending_unspillable
@@ -521,7 +533,7 @@ impl GovernedMemoryPool {
         match token.try_grow(additional) {
             Ok(()) => Ok(()),
             Err(first) => self
-                .grow_slow(c, token, additional, first)
+                .grow_slow(c, token, reservation_size, additional, first)
                 .map_err(Denial::Governor),
         }
     }
@@ -774,7 +786,7 @@ impl GovernedMemoryPool {
         } else if let Some(why) = self.merge_growth_refused(c, additional) {
             return Err(self.deny(c, additional, &why));
         } else if let Err(first) = t.try_grow(additional)
-            && let Err(e) = self.grow_slow(c, t, additional, first)
+            && let Err(e) = self.grow_slow(c, t, reservation_size, additional, first)
         {
             return Err(self.deny(c, additional, &Denial::Governor(e)));
         }
