@@ -1,7 +1,8 @@
 //! Property test: random operation sequences against a simple sequential model of the books.
 //!
 //! Single-threaded, the governor must answer exactly like the model: a reservation succeeds if
-//! and only if it fits under both the engine limit and the ceiling, and every figure matches.
+//! and only if it fits under both the engine limit and the ceiling in force (the ceiling moves
+//! up and down between operations, as `set_ceiling` moves it live), and every figure matches.
 
 use governor_core::{
     EngineBudget, EngineId, GovernorConfig, MemError, MemoryGovernor, ReservationToken,
@@ -21,6 +22,7 @@ enum Op {
     Drop(usize),
     Charge(usize, usize),
     Untracked(usize),
+    Ceiling(usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -32,12 +34,14 @@ fn op() -> impl Strategy<Value = Op> {
         3 => any::<usize>().prop_map(Op::Drop),
         1 => (0..3usize, 0..2_000usize).prop_map(|(e, b)| Op::Charge(e, b)),
         1 => (0..3_000usize).prop_map(Op::Untracked),
+        1 => (1_000..14_000usize).prop_map(Op::Ceiling),
     ]
 }
 
 struct Model {
     reserved: [usize; 3],
     untracked: usize,
+    ceiling: usize,
 }
 
 impl Model {
@@ -45,7 +49,8 @@ impl Model {
     fn fits(&self, e: usize, bytes: usize) -> bool {
         let total: usize = self.reserved.iter().sum();
         bytes == 0
-            || (self.reserved[e] + bytes <= LIMITS[e] && total + self.untracked + bytes <= CEILING)
+            || (self.reserved[e] + bytes <= LIMITS[e]
+                && total + self.untracked + bytes <= self.ceiling)
     }
 }
 
@@ -58,7 +63,7 @@ proptest! {
             b = b.engine(*e, EngineBudget::new(l));
         }
         let g = MemoryGovernor::new(b.build().unwrap()).unwrap();
-        let mut model = Model { reserved: [0; 3], untracked: 0 };
+        let mut model = Model { reserved: [0; 3], untracked: 0, ceiling: CEILING };
         let mut tokens: Vec<(usize, ReservationToken)> = Vec::new();
         for op in ops {
             match op {
@@ -113,6 +118,13 @@ proptest! {
                 Op::Untracked(bytes) => {
                     g.set_untracked(bytes);
                     model.untracked = bytes;
+                }
+                Op::Ceiling(bytes) => {
+                    // In force for admission when it returns; what is held above it stays held.
+                    let change = g.set_ceiling(bytes).unwrap();
+                    prop_assert_eq!(change.to, bytes);
+                    model.ceiling = bytes;
+                    prop_assert_eq!(g.ceiling(), bytes);
                 }
                 _ => {}
             }
