@@ -321,7 +321,7 @@ impl GovernedMemoryPool {
         let free = self
             .budget(true)
             .saturating_sub(self.reserved.load(Ordering::Relaxed));
-        (free < additional.saturating_add(owed)).then(|| Denial::MergeGrowth { owed, free })
+        (free < additional.saturating_add(owed)).then_some(Denial::MergeGrowth { owed, free })
     }
 
     /// Records `bytes` more held by `c` (its token already grew).

@@ -142,7 +142,16 @@ pub async fn run(ctx: &SessionContext, sql: &str, timeout: Duration) -> Outcome 
         drop(plan);
         Ok::<_, DataFusionError>((batches, spills))
     };
-    match tokio::time::timeout(timeout, work).await {
+    outcome(tokio::time::timeout(timeout, work).await, start)
+}
+
+/// What a run that started at `start` came to: its batches and spill count, its error, or
+/// the timeout that ended it.
+pub fn outcome(
+    ended: Result<Result<(Vec<RecordBatch>, usize), DataFusionError>, tokio::time::error::Elapsed>,
+    start: Instant,
+) -> Outcome {
+    match ended {
         Err(_) => Outcome::TimedOut,
         Ok(Ok((batches, spills))) => Outcome::Done {
             rows: canonical(&batches),

@@ -42,7 +42,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion_pool::GovernedMemoryPool;
 use governor_core::MemoryGovernor;
 
-use super::{Outcome, PoolKind, assert_books_balanced, canonical, describe, make_pool, run};
+use super::{Outcome, PoolKind, assert_books_balanced, describe, make_pool, run};
 
 /// One mebibyte.
 pub const MIB: usize = 1024 * 1024;
@@ -430,21 +430,7 @@ where
         drop(plan);
         Ok::<_, DataFusionError>((batches, spills))
     };
-    match tokio::time::timeout(timeout, work).await {
-        Err(_) => Outcome::TimedOut,
-        Ok(Ok((batches, spills))) => Outcome::Done {
-            rows: canonical(&batches),
-            spills,
-            elapsed: start.elapsed(),
-        },
-        Ok(Err(e)) => {
-            if let DataFusionError::ResourcesExhausted(m) = e.find_root() {
-                Outcome::Exhausted(format!("{e} -- {m}"))
-            } else {
-                Outcome::Failed(e.to_string())
-            }
-        }
-    }
+    super::outcome(tokio::time::timeout(timeout, work).await, start)
 }
 
 /// The physical plan of `query`, indented, for shape checks.
