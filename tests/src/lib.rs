@@ -15,5 +15,6 @@
 //! unspillable query that would starve ingest of its floor, with and without aborts.
 
 pub mod engines;
+pub mod picture;
 pub mod runaway;
 pub mod workload;

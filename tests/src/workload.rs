@@ -81,6 +81,63 @@ pub struct WorkloadConfig {
     pub crdt: CrdtWork,
 }
 
+/// How often the sampler records a [`TimelinePoint`] (it checks budgets every 5 ms).
+pub const TIMELINE_STEP: Duration = Duration::from_millis(50);
+
+/// The engines the workload runs, in the order the summary and the picture show them.
+pub const ENGINES: [EngineId; 6] = [
+    EngineId::Vector,
+    EngineId::Timeseries,
+    EngineId::Query,
+    EngineId::Bridge,
+    EngineId::Sparse,
+    EngineId::Crdt,
+];
+
+/// One instant of the run: every engine's books and arena, the process, the governor.
+#[derive(Clone, Debug)]
+pub struct TimelinePoint {
+    /// Seconds since the run started.
+    pub seconds: f64,
+    /// Process RSS.
+    pub rss: usize,
+    /// The ceiling in force.
+    pub ceiling: usize,
+    /// Global pressure level (0 normal … 3 emergency).
+    pub pressure: u8,
+    /// Reclaim requests so far, over all engines.
+    pub reclaims: u64,
+    /// Per engine in [`ENGINES`] order: reserved bytes, limit, and the arena's allocated
+    /// bytes at the monitor's last tick (when jemalloc arenas are in use).
+    pub engines: Vec<(EngineId, usize, usize, Option<usize>)>,
+}
+
+impl TimelinePoint {
+    fn now(governor: &MemoryGovernor, started: Instant, rss: usize) -> Self {
+        let snapshot = governor.snapshot();
+        let engines = ENGINES
+            .iter()
+            .filter_map(|&e| snapshot.engine(e).filter(|s| s.configured))
+            .map(|s| {
+                (
+                    s.engine,
+                    s.reserved,
+                    s.limit,
+                    s.allocation.map(|a| a.allocated),
+                )
+            })
+            .collect();
+        Self {
+            seconds: started.elapsed().as_secs_f64(),
+            rss,
+            ceiling: snapshot.ceiling,
+            pressure: snapshot.global_pressure as u8,
+            reclaims: snapshot.engines.iter().map(|e| e.reclaim_requests).sum(),
+            engines,
+        }
+    }
+}
+
 /// Lowering the ceiling mid-run, as an operator resizing the container would.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CeilingDrops {
@@ -273,6 +330,8 @@ pub struct WorkloadReport {
     pub ceiling_changes: u64,
     /// Every ceiling drop and its drain.
     pub drops: Vec<DropRecord>,
+    /// What the sampler saw every [`TIMELINE_STEP`]: the run's picture.
+    pub timeline: Vec<TimelinePoint>,
 }
 
 impl WorkloadReport {
@@ -584,15 +643,18 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
     let failures = Arc::new(Mutex::new(Vec::<String>::new()));
     let peak_rss = Arc::new(AtomicUsize::new(0));
     let samples = Arc::new(AtomicUsize::new(0));
+    let timeline = Arc::new(Mutex::new(Vec::<TimelinePoint>::new()));
     let sampler = {
-        let (governor, stop, failures, peak_rss, samples) = (
+        let (governor, stop, failures, peak_rss, samples, timeline) = (
             governor.clone(),
             stop.clone(),
             failures.clone(),
             peak_rss.clone(),
             samples.clone(),
+            timeline.clone(),
         );
         std::thread::spawn(move || {
+            let mut last_point: Option<Instant> = None;
             while !stop.load(Ordering::Acquire) {
                 for engine in [
                     EngineId::Vector,
@@ -615,8 +677,13 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
                         ));
                     }
                 }
-                if let Ok(process) = ProcessMemory::query() {
-                    peak_rss.fetch_max(process.rss, Ordering::AcqRel);
+                let rss = ProcessMemory::query().map_or(0, |p| p.rss);
+                peak_rss.fetch_max(rss, Ordering::AcqRel);
+                if last_point.is_none_or(|t| t.elapsed() >= TIMELINE_STEP) {
+                    last_point = Some(Instant::now());
+                    timeline
+                        .lock()
+                        .push(TimelinePoint::now(&governor, started, rss));
                 }
                 samples.fetch_add(1, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(5));
@@ -833,6 +900,7 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
     failures.dedup();
     report.failures = failures;
     report.samples = samples.load(Ordering::Relaxed);
+    report.timeline = std::mem::take(&mut *timeline.lock());
     report.prometheus = snapshot.to_prometheus();
     report.elapsed = started.elapsed();
     Ok(report)
@@ -1151,6 +1219,27 @@ impl WorkloadReport {
                 "evictions": self.crdt.evictions,
             },
             "drops": drops,
+            "timeline": self
+                .timeline
+                .iter()
+                .map(|p| {
+                    serde_json::json!({
+                        "seconds": p.seconds,
+                        "rss": p.rss,
+                        "ceiling": p.ceiling,
+                        "pressure": p.pressure,
+                        "reclaims": p.reclaims,
+                        "engines": p.engines.iter().map(|(e, reserved, limit, allocated)| {
+                            serde_json::json!({
+                                "engine": e.to_string(),
+                                "reserved": reserved,
+                                "limit": limit,
+                                "allocated": allocated,
+                            })
+                        }).collect::<Vec<_>>(),
+                    })
+                })
+                .collect::<Vec<_>>(),
             "monitor": {
                 "emergencies": self.monitor.emergencies,
                 "reclaims": self.monitor.reclaims,

@@ -28,13 +28,34 @@ fn bad_arguments_are_refused_with_a_message() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("mixed_workload "));
 }
 
+/// Checks that `text` is well-formed XML as far as elements go: every start tag is closed by a
+/// matching end tag in order, or closes itself. (Attribute values here never contain `>`.)
+fn assert_well_formed(text: &str) {
+    let mut open: Vec<&str> = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find('<') {
+        let end = start + rest[start..].find('>').expect("an unclosed tag");
+        let tag = &rest[start + 1..end];
+        if let Some(name) = tag.strip_prefix('/') {
+            assert_eq!(open.pop(), Some(name.trim()), "mismatched </{name}>");
+        } else if !tag.ends_with('/') && !tag.starts_with('?') && !tag.starts_with('!') {
+            open.push(tag.split_whitespace().next().expect("a tag name"));
+        }
+        rest = &rest[end + 1..];
+    }
+    assert!(open.is_empty(), "unclosed elements: {open:?}");
+}
+
 #[test]
-fn the_json_report_of_a_small_run_has_every_engine() {
+fn the_reports_of_a_small_run_have_every_engine() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("report.json");
+    let svg = dir.path().join("run.svg");
     let out = workload()
         .args(["--small", "--json"])
         .arg(&path)
+        .arg("--svg")
+        .arg(&svg)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -52,4 +73,23 @@ fn the_json_report_of_a_small_run_has_every_engine() {
         assert!(engines.contains(&engine), "{engine} missing: {engines:?}");
     }
     assert!(report["peak_rss"].as_u64().unwrap() > 0);
+    let timeline = report["timeline"].as_array().unwrap();
+    assert!(timeline.len() > 2, "{} timeline points", timeline.len());
+
+    // The picture: an SVG document with one reserved-bytes series (and legend entry) per
+    // engine, besides RSS and the ceiling.
+    let picture = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        picture.starts_with("<svg"),
+        "{}",
+        &picture[..picture.len().min(200)]
+    );
+    assert_well_formed(&picture);
+    for engine in engines {
+        assert!(
+            picture.contains(&format!("{engine} reserved")),
+            "no series for {engine}"
+        );
+    }
+    assert!(picture.contains("process RSS") && picture.contains("ceiling"));
 }

@@ -52,9 +52,14 @@ struct Cli {
     /// Print the final metrics in the Prometheus text format.
     #[arg(long)]
     prometheus: bool,
-    /// Write the full report (configuration, peaks, counts, failures) as JSON to this file.
+    /// Write the full report (configuration, peaks, counts, failures, the sampled timeline)
+    /// as JSON to this file.
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
+    /// Draw the run's timeline (each engine's reserved and allocated bytes and limit, RSS,
+    /// the ceiling, pressure changes and reclaims) as SVG to this file.
+    #[arg(long, value_name = "PATH")]
+    svg: Option<PathBuf>,
     /// Another scenario instead of the mixed workload.
     #[arg(long, value_enum)]
     scenario: Option<Scenario>,
@@ -122,6 +127,12 @@ async fn main() -> ExitCode {
             print!("{}", report.summary());
             if cli.prometheus {
                 print!("{}", report.prometheus);
+            }
+            if let Some(path) = &cli.svg
+                && let Err(e) = tests::picture::write_svg(&report, path)
+            {
+                eprintln!("{e}");
+                return ExitCode::from(2);
             }
             if let Some(path) = &cli.json {
                 let text = report.to_json().to_string();
