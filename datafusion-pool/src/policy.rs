@@ -75,6 +75,14 @@
 //!    damage of a stuck plan; it is skipped where the holders cannot run while we block (a
 //!    current-thread runtime).
 //!
+//! **Where a hard limit cannot follow FSP.** FSP judges each reservation against a share and
+//! never checks the total, so it sometimes finishes by passing its limit. Two operators that
+//! cannot spill at the same moment — two final aggregates both replaying their spills, each
+//! needing its table while its merge holds its share — can then both get their bytes under
+//! FSP, while under a hard limit one of them waits for the other and, if neither yields
+//! within `reclaim_wait`, fails. The tests keep their budgets clear of that corner and say
+//! so where they do.
+//!
 //! What the pool keeps over FSP: the limit is hard (FSP lets spillers overshoot by judging each
 //! reservation against a share of `B − U` without checking `S`), the budget follows the
 //! governor (borrowing and the global ceiling), a kept merge reservation is not given away
