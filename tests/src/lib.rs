@@ -16,5 +16,6 @@
 
 pub mod engines;
 pub mod picture;
+pub mod progress;
 pub mod runaway;
 pub mod workload;

@@ -75,6 +75,9 @@ pub struct WorkloadConfig {
     pub ceiling_from_environment: Option<f64>,
     /// Ceiling drops while the timeseries ingest runs.
     pub drops: Option<CeilingDrops>,
+    /// Report progress while the run lasts: bars on a terminal, a line every few seconds
+    /// otherwise (on stderr).
+    pub progress: bool,
     /// The Sparse engine's posting ingest and checked searches.
     pub sparse: SparseWork,
     /// The Crdt engine's edits and merges.
@@ -191,6 +194,7 @@ impl WorkloadConfig {
             monitor_interval: governor_core::rss_monitor::DEFAULT_RSS_MONITOR_INTERVAL,
             ceiling_from_environment: None,
             drops: None,
+            progress: false,
             // About 11 MiB of decoded postings under an 8 MiB budget, and 384 documents
             // whose charges add up to more than the 16 MiB Crdt budget: both evict. Both
             // budgets leave room for the engines' allocator drift (up to 4 MiB measured).
@@ -259,6 +263,7 @@ impl WorkloadConfig {
             monitor_interval: governor_core::rss_monitor::DEFAULT_RSS_MONITOR_INTERVAL,
             ceiling_from_environment: None,
             drops: None,
+            progress: false,
             // More documents than the Crdt budget holds (about 36 KiB each), so it evicts;
             // the budgets leave the engines' allocator drift (redb, thread caches of evicted
             // documents) room under their limits.
@@ -638,6 +643,20 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
     // so the RSS monitor can compare what each engine really allocated with what it reserved.
     let runtimes = EngineRuntimes::new(&governor)?;
 
+    // Work done so far, for the progress reporter and the ceiling drops.
+    let counters = Arc::new(crate::progress::Counters::default());
+    let _reporter = config.progress.then(|| {
+        crate::progress::Reporter::start(
+            Arc::clone(&governor),
+            Arc::clone(&counters),
+            crate::progress::Totals {
+                searches: config.searches,
+                points: config.series * config.points_per_series,
+                queries: config.sql_queries,
+            },
+        )
+    });
+
     // The sampler: every engine's grant against its limit, and real RSS against the ceiling.
     let stop = Arc::new(AtomicBool::new(false));
     let failures = Arc::new(Mutex::new(Vec::<String>::new()));
@@ -724,11 +743,12 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
     // --- the three engines at once -----------------------------------------------------
     let searches = {
         let (cache, cfg) = (cache.clone(), config.clone());
+        let searched = Arc::clone(&counters.searches);
         runtimes
             .vector()
-            .spawn_blocking(move || vector_searches(&cache, &cfg))
+            .spawn_blocking(move || vector_searches(&cache, &cfg, &searched))
     };
-    let progress = Arc::new(AtomicUsize::new(0));
+    let progress = Arc::clone(&counters.points);
     let ingest = {
         let (governor, cfg, path, progress) = (
             governor.clone(),
@@ -747,9 +767,10 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
     });
     let sql = {
         let (governor, cfg, path) = (governor.clone(), config.clone(), dir.path().join("spill"));
+        let queried = Arc::clone(&counters.queries);
         runtimes
             .query()
-            .spawn(async move { sql_group_by(governor, &cfg, path).await })
+            .spawn(async move { sql_group_by(governor, &cfg, path, &queried).await })
     };
     let sparse = {
         let (governor, work, dir) = (governor.clone(), config.sparse, dir.path().to_owned());
@@ -963,7 +984,11 @@ async fn drop_ceiling(
 /// how a vector engine with 30 % of its index resident keeps its throughput.
 const SEARCH_BATCH: usize = 50;
 
-fn vector_searches(cache: &HnswCache, cfg: &WorkloadConfig) -> Result<usize, String> {
+fn vector_searches(
+    cache: &HnswCache,
+    cfg: &WorkloadConfig,
+    progress: &AtomicUsize,
+) -> Result<usize, String> {
     let mut done = 0;
     let queries: Vec<Vec<f32>> = (0..cfg.searches)
         .map(|q| {
@@ -981,6 +1006,7 @@ fn vector_searches(cache: &HnswCache, cfg: &WorkloadConfig) -> Result<usize, Str
                         return Err(format!("search {} returned nothing", b * SEARCH_BATCH + q));
                     }
                     done += results.len();
+                    progress.store(done, Ordering::Release);
                     break;
                 }
                 // Another engine's burst can leave no room for a load for a moment: wait, retry.
@@ -1060,6 +1086,7 @@ async fn sql_group_by(
     governor: Arc<MemoryGovernor>,
     cfg: &WorkloadConfig,
     spill: std::path::PathBuf,
+    progress: &AtomicUsize,
 ) -> Result<usize, String> {
     std::fs::create_dir_all(&spill).map_err(|e| e.to_string())?;
     let schema = Arc::new(Schema::new(vec![
@@ -1139,6 +1166,7 @@ async fn sql_group_by(
             ));
         }
         done += 1;
+        progress.store(done, Ordering::Release);
     }
     Ok(done)
 }

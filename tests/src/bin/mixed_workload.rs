@@ -43,6 +43,10 @@ struct Cli {
     #[arg(long, value_name = "K", default_value_t = 1, requires = "shrink_to_mib",
           value_parser = clap::value_parser!(u16).range(1..=1000))]
     drops: u16,
+    /// No progress report while the run lasts (bars on a terminal, a line every 5 s
+    /// otherwise, both on stderr).
+    #[arg(long)]
+    quiet: bool,
     /// The RSS monitor never reclaims below engines' floors.
     #[arg(long)]
     keep_floors: bool,
@@ -87,6 +91,7 @@ impl Cli {
             config = config.ungoverned();
         }
         config.shed_below_floors = !self.keep_floors;
+        config.progress = !self.quiet;
         if let Some(ms) = self.monitor_ms {
             config.monitor_interval = std::time::Duration::from_millis(ms);
         }
