@@ -14,6 +14,7 @@
 //! `mixed_workload --scenario runaway [--no-abort]` runs the [`runaway`] scenario instead: an
 //! unspillable query that would starve ingest of its floor, with and without aborts.
 
+pub mod borrow;
 pub mod engines;
 pub mod picture;
 pub mod progress;

@@ -78,6 +78,10 @@ enum Scenario {
     /// An unspillable query that would starve ingest of its floor, aborted for it (or, with
     /// --no-abort, not).
     Runaway,
+    /// TPC-H borrowing idle engines' floors, then giving them back when they wake, against
+    /// DataFusion's pools sized to the Query floor and to the whole ceiling (--small: test
+    /// size).
+    Borrow,
 }
 
 impl Cli {
@@ -124,6 +128,24 @@ async fn main() -> ExitCode {
         .init();
     if cli.scenario == Some(Scenario::Runaway) {
         return runaway(!cli.no_abort, cli.prometheus).await;
+    }
+    if cli.scenario == Some(Scenario::Borrow) {
+        let config = if cli.small {
+            tests::borrow::BorrowConfig::small()
+        } else {
+            tests::borrow::BorrowConfig::demo()
+        };
+        println!("running the borrowing scenario: {config:?}");
+        return match tests::borrow::run_borrow(config).await {
+            Ok(report) => {
+                print!("{}", report.table());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("borrowing scenario could not start: {e}");
+                ExitCode::from(2)
+            }
+        };
     }
     let config = cli.config();
     println!("running the mixed workload: {config:?}");
