@@ -21,8 +21,8 @@
 //! * (G1) a spiller's request when `|r| + a ≤ share = (B − max(U + K, H)) / n` and the
 //!   governor's hard check `U + S + a ≤ B` passes;
 //! * (G2) an unspillable request when the governor's hard check `U + S + a ≤ B` passes;
-//! * (E) a spiller's request beyond its share when `|r| = 0` and nobody is starving, if the
-//!   governor's hard check passes.
+//! * (E) a spiller's request beyond its share when `|r| = 0`, if the governor's hard check
+//!   passes (when it does not, the request waits in the slow path like an unspillable one).
 //!
 //! * (M) an unspillable request of a sort's merge reservation past its first reservation (a
 //!   merge of spill files, which takes what it can and merges fewer files at once when

@@ -523,10 +523,10 @@ impl GovernedMemoryPool {
         if over(&self.share(false)) {
             let s = self.share(true);
             // (E) of the policy: a reservation holding nothing cannot spill, so a refusal
-            // fails its query at once; it may take what the governor has while nobody starves.
-            let nothing_to_spill =
-                reservation_size == 0 && self.starving.load(Ordering::Relaxed) == 0;
-            if over(&s) && !nothing_to_spill {
+            // fails its query at once; it may take what the governor has. Even while another
+            // consumer starves: if the governor has nothing, it waits in the slow path like
+            // the starving one rather than fail outright.
+            if over(&s) && reservation_size > 0 {
                 return Err(Denial::FairShare(s));
             }
         }
