@@ -40,25 +40,24 @@ use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::execution::{RecordBatchStream, SendableRecordBatchStream};
 use datafusion::prelude::{DataFrame, SessionContext};
 use futures::{Stream, StreamExt};
-use governor_core::{DEFAULT_PRIORITY, EngineId, MemError, WorkHandle, WorkSpec};
+use governor_core::{EngineId, MemError, WorkHandle, WorkSpec};
 use parking_lot::Mutex;
 
 use crate::pool::GovernedMemoryPool;
 
 /// Builds a [`GovernedQuery`]: its label, priority and what redoing it would cost.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct GovernedQueryBuilder {
-    label: String,
-    priority: u8,
-    redo_cost: Option<Duration>,
+    /// The registration it will make: a unit of the Query engine's work.
+    spec: WorkSpec,
 }
 
 impl GovernedQueryBuilder {
     /// How important the query is: lower priorities are aborted first (default
-    /// [`DEFAULT_PRIORITY`]).
+    /// [`DEFAULT_PRIORITY`](governor_core::DEFAULT_PRIORITY)).
     #[must_use]
     pub fn priority(mut self, priority: u8) -> Self {
-        self.priority = priority;
+        self.spec = self.spec.priority(priority);
         self
     }
 
@@ -66,7 +65,7 @@ impl GovernedQueryBuilder {
     /// has run stands for the work it would lose.
     #[must_use]
     pub fn redo_cost(mut self, cost: Duration) -> Self {
-        self.redo_cost = Some(cost);
+        self.spec = self.spec.redo_cost(cost);
         self
     }
 
@@ -86,16 +85,11 @@ impl GovernedQueryBuilder {
         };
         let streams: Arc<Streams> = Arc::default();
         let on_abort = Arc::downgrade(&streams);
-        let mut spec = WorkSpec::new(EngineId::Query, self.label)
-            .priority(self.priority)
-            .on_abort(move |_err| {
-                if let Some(streams) = on_abort.upgrade() {
-                    streams.drop_all();
-                }
-            });
-        if let Some(cost) = self.redo_cost {
-            spec = spec.redo_cost(cost);
-        }
+        let spec = self.spec.on_abort(move |_err| {
+            if let Some(streams) = on_abort.upgrade() {
+                streams.drop_all();
+            }
+        });
         let work = Arc::new(governed.governor().register_work(spec));
         let pool: Arc<dyn MemoryPool> = Arc::new(QueryPool {
             shared: Arc::clone(&base.memory_pool),
@@ -167,9 +161,7 @@ impl GovernedQuery {
     /// A builder for a query named `label` in errors and logs.
     pub fn builder(label: impl Into<String>) -> GovernedQueryBuilder {
         GovernedQueryBuilder {
-            label: label.into(),
-            priority: DEFAULT_PRIORITY,
-            redo_cost: None,
+            spec: WorkSpec::new(EngineId::Query, label),
         }
     }
 

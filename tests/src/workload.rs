@@ -584,33 +584,24 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
             .map_err(|e| format!("ceiling from the environment: {e}"))?,
         None => GovernorConfig::builder().global_ceiling(config.ceiling),
     };
-    let governor = MemoryGovernor::new(
-        builder
-            .engine(
-                EngineId::Vector,
-                EngineBudget::new(config.vector_limit).with_floor(config.vector_limit / 2),
-            )
-            .engine(
-                EngineId::Timeseries,
-                EngineBudget::new(config.timeseries_limit).with_floor(config.timeseries_limit / 2),
-            )
-            .engine(
-                EngineId::Query,
-                EngineBudget::new(config.query_limit).with_floor(config.query_limit / 4),
-            )
-            .engine(EngineId::Bridge, EngineBudget::new(config.bridge_limit))
-            .engine(
-                EngineId::Sparse,
-                EngineBudget::new(config.sparse_limit).with_floor(config.sparse_limit / 2),
-            )
-            .engine(
-                EngineId::Crdt,
-                EngineBudget::new(config.crdt_limit).with_floor(config.crdt_limit / 2),
-            )
-            .build()
-            .map_err(|e| e.to_string())?,
-    )
-    .map_err(|e| e.to_string())?;
+    // Floors: half the limit for the engines that hold state, a quarter for the queries, none
+    // for the bridge's input tables.
+    let mut builder = builder
+        .engine(
+            EngineId::Query,
+            EngineBudget::new(config.query_limit).with_floor(config.query_limit / 4),
+        )
+        .engine(EngineId::Bridge, EngineBudget::new(config.bridge_limit));
+    for (engine, limit) in [
+        (EngineId::Vector, config.vector_limit),
+        (EngineId::Timeseries, config.timeseries_limit),
+        (EngineId::Sparse, config.sparse_limit),
+        (EngineId::Crdt, config.crdt_limit),
+    ] {
+        builder = builder.engine(engine, EngineBudget::new(limit).with_floor(limit / 2));
+    }
+    let governor = MemoryGovernor::new(builder.build().map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())?;
     // From here on the ceiling in force is the governor's (it may have come from the
     // environment); every check below is against it.
     let mut config = config;
