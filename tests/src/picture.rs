@@ -1,6 +1,7 @@
 //! The run as a picture: an SVG timeline of every engine's reserved and allocated bytes
 //! against its limit, the process's RSS against the ceiling, and markers where the global
-//! pressure level changed and where reclaims happened.
+//! pressure level changed, where reclaims were requested and where the query engine's
+//! operators spilled.
 //!
 //! Drawn with `plotters`' SVG backend (text becomes SVG `<text>`, so no system fonts are
 //! needed). One chart, time on x and MiB on y: each engine has one colour, solid for its
@@ -134,7 +135,11 @@ pub fn write_svg(report: &WorkloadReport, path: &Path) -> Result<(), String> {
     // Markers: pressure level changes (triangles at the top) and reclaims (crosses).
     let mut changes = Vec::new();
     let mut reclaims = Vec::new();
+    let mut spills = Vec::new();
     for pair in points.windows(2) {
+        if pair[1].spills > pair[0].spills {
+            spills.push((pair[1].seconds, y_end * 0.90));
+        }
         if pair[1].pressure != pair[0].pressure {
             changes.push((pair[1].seconds, y_end * 0.98, pair[1].pressure));
         }
@@ -164,6 +169,15 @@ pub fn write_svg(report: &WorkloadReport, path: &Path) -> Result<(), String> {
         .map_err(|e| err(&e))?
         .label("reclaim requested")
         .legend(|(x, y)| Cross::new((x + 8, y), 4, MAGENTA));
+    chart
+        .draw_series(
+            spills
+                .iter()
+                .map(|&(x, y)| Circle::new((x, y), 3, BLUE.filled())),
+        )
+        .map_err(|e| err(&e))?
+        .label("query operators spilled")
+        .legend(|(x, y)| Circle::new((x + 8, y), 3, BLUE.filled()));
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.85))

@@ -110,6 +110,8 @@ pub struct TimelinePoint {
     pub pressure: u8,
     /// Reclaim requests so far, over all engines.
     pub reclaims: u64,
+    /// Denials of the Query engine's DataFusion operators so far: each is normally a spill.
+    pub spills: u64,
     /// Per engine in [`ENGINES`] order: reserved bytes, limit, and the arena's allocated
     /// bytes at the monitor's last tick (when jemalloc arenas are in use).
     pub engines: Vec<(EngineId, usize, usize, Option<usize>)>,
@@ -136,6 +138,12 @@ impl TimelinePoint {
             ceiling: snapshot.ceiling,
             pressure: snapshot.global_pressure as u8,
             reclaims: snapshot.engines.iter().map(|e| e.reclaim_requests).sum(),
+            spills: snapshot
+                .consumers
+                .iter()
+                .filter(|c| c.engine == EngineId::Query)
+                .map(|c| c.denials)
+                .sum(),
             engines,
         }
     }
@@ -1248,6 +1256,7 @@ impl WorkloadReport {
                         "ceiling": p.ceiling,
                         "pressure": p.pressure,
                         "reclaims": p.reclaims,
+                        "spills": p.spills,
                         "engines": p.engines.iter().map(|(e, reserved, limit, allocated)| {
                             serde_json::json!({
                                 "engine": e.to_string(),
