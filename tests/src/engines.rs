@@ -16,6 +16,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crdt_adapter::loro::{ExportMode, LoroDoc, LoroValue};
@@ -189,6 +190,7 @@ pub async fn sparse_ingest_and_search(
     governor: Arc<MemoryGovernor>,
     work: SparseWork,
     dir: &Path,
+    progress: &AtomicUsize,
 ) -> Result<SparseOutcome, String> {
     let index = SparseIndex::builder(governor, dir.join("sparse.redb"))
         .store_cache_bytes(work.store_cache_bytes)
@@ -209,6 +211,7 @@ pub async fn sparse_ingest_and_search(
         )
         .await?;
         outcome.inserted += 1;
+        progress.store(outcome.inserted as usize, Ordering::Release);
         if (doc + 1).is_multiple_of(work.commit_every) {
             index.commit().await.map_err(|e| format!("commit: {e}"))?;
         }
@@ -341,6 +344,7 @@ pub async fn crdt_edit_and_merge(
     governor: Arc<MemoryGovernor>,
     work: CrdtWork,
     dir: &Path,
+    progress: &AtomicUsize,
 ) -> Result<CrdtOutcome, String> {
     let store = DocStore::builder(governor, dir.join("docs.redb"))
         .store_cache_bytes(work.store_cache_bytes)
@@ -378,6 +382,7 @@ pub async fn crdt_edit_and_merge(
     let mut outcome = CrdtOutcome::default();
     let mut refusals = 0;
     for round in 0..work.rounds {
+        progress.store(round as usize, Ordering::Release);
         let id = doc_id(doc_of(work.docs, round));
         with_retry(
             &mut refusals,

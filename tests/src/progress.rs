@@ -25,6 +25,10 @@ pub struct Counters {
     pub points: Arc<AtomicUsize>,
     /// `GROUP BY` queries completed.
     pub queries: Arc<AtomicUsize>,
+    /// Sparse documents inserted.
+    pub sparse_docs: Arc<AtomicUsize>,
+    /// CRDT edit-and-merge rounds done.
+    pub crdt_rounds: Arc<AtomicUsize>,
 }
 
 /// How much work there is in all.
@@ -36,6 +40,10 @@ pub struct Totals {
     pub points: usize,
     /// Queries to run.
     pub queries: usize,
+    /// Sparse documents to insert.
+    pub sparse_docs: usize,
+    /// CRDT rounds to run.
+    pub crdt_rounds: usize,
 }
 
 /// Reports until dropped.
@@ -101,7 +109,7 @@ fn plain(governor: &MemoryGovernor, counters: &Counters, totals: Totals, stop: &
     let started = Instant::now();
     while pause(stop, PLAIN_EVERY) {
         eprintln!(
-            "[{:>6.1?}] searches {}/{}, points {}/{}, queries {}/{}; {}",
+            "[{:>6.1?}] searches {}/{}, points {}/{}, queries {}/{}, sparse docs {}/{}, crdt rounds {}/{}; {}",
             started.elapsed(),
             counters.searches.load(Ordering::Acquire),
             totals.searches,
@@ -109,6 +117,10 @@ fn plain(governor: &MemoryGovernor, counters: &Counters, totals: Totals, stop: &
             totals.points,
             counters.queries.load(Ordering::Acquire),
             totals.queries,
+            counters.sparse_docs.load(Ordering::Acquire),
+            totals.sparse_docs,
+            counters.crdt_rounds.load(Ordering::Acquire),
+            totals.crdt_rounds,
             memory_line(governor)
         );
     }
@@ -129,15 +141,19 @@ fn bars(governor: &MemoryGovernor, counters: &Counters, totals: Totals, stop: &A
     let searches = bar("searches", totals.searches);
     let points = bar("points", totals.points);
     let queries = bar("queries", totals.queries);
+    let sparse = bar("sparse", totals.sparse_docs);
+    let crdt = bar("crdt", totals.crdt_rounds);
     let memory = multi.add(ProgressBar::new_spinner());
     while pause(stop, BAR_EVERY) {
         searches.set_position(counters.searches.load(Ordering::Acquire) as u64);
         points.set_position(counters.points.load(Ordering::Acquire) as u64);
         queries.set_position(counters.queries.load(Ordering::Acquire) as u64);
+        sparse.set_position(counters.sparse_docs.load(Ordering::Acquire) as u64);
+        crdt.set_position(counters.crdt_rounds.load(Ordering::Acquire) as u64);
         memory.set_message(memory_line(governor));
         memory.tick();
     }
-    for b in [&searches, &points, &queries, &memory] {
+    for b in [&searches, &points, &queries, &sparse, &crdt, &memory] {
         b.finish_and_clear();
     }
 }

@@ -652,6 +652,8 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
                 searches: config.searches,
                 points: config.series * config.points_per_series,
                 queries: config.sql_queries,
+                sparse_docs: config.sparse.docs as usize,
+                crdt_rounds: config.crdt.rounds as usize,
             },
         )
     });
@@ -773,15 +775,17 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
     };
     let sparse = {
         let (governor, work, dir) = (governor.clone(), config.sparse, dir.path().to_owned());
+        let done = Arc::clone(&counters.sparse_docs);
         runtimes
             .sparse()
-            .spawn(async move { sparse_ingest_and_search(governor, work, &dir).await })
+            .spawn(async move { sparse_ingest_and_search(governor, work, &dir, &done).await })
     };
     let crdt = {
         let (governor, work, dir) = (governor.clone(), config.crdt, dir.path().to_owned());
+        let done = Arc::clone(&counters.crdt_rounds);
         runtimes
             .crdt()
-            .spawn(async move { crdt_edit_and_merge(governor, work, &dir).await })
+            .spawn(async move { crdt_edit_and_merge(governor, work, &dir, &done).await })
     };
     let mut report = WorkloadReport {
         ceiling: config.ceiling,
