@@ -61,6 +61,10 @@ struct EntryState {
     buffer_seen: u64,
     /// Encoded bytes the document was built from (for the byte model).
     encoded: usize,
+    /// Set by the eviction hook, under this lock, once the document's state is in the store
+    /// and the cache is about to drop it: an edit that finds it set must load the document
+    /// again, or its change would land in a copy nobody persists.
+    evicted: bool,
 }
 
 /// A resident document.
@@ -85,6 +89,11 @@ struct Shared {
     /// left the buffer.
     publish: RwLock<()>,
 }
+
+/// How many times an edit makes its document resident again when an eviction takes it
+/// between the load and the edit, before it gives up (a cache so small that every load is
+/// evicted at once).
+const EDIT_PASSES: usize = 16;
 
 /// Imports `bytes` into a resident document and records what that changed.
 fn import_into(e: &DocEntry, st: &mut EntryState, bytes: &[u8]) -> Result<(), CrdtError> {
@@ -121,13 +130,14 @@ struct PersistOnEvict(Arc<Database>);
 impl EvictionHook<String, DocEntry> for PersistOnEvict {
     fn before_evict(&self, _id: &String, e: &DocEntry) -> Result<(), PersistError> {
         let mut st = e.state.lock();
-        if !st.dirty {
-            // Snapshot plus log already hold everything it applied; buffered updates it
-            // imported early are still in the buffer.
-            return Ok(());
+        if st.dirty {
+            snapshot_and_compact(&self.0, e, &mut st)
+                .map_err(|err| PersistError::new(format!("snapshot of {:?}", e.id), err))?;
         }
-        snapshot_and_compact(&self.0, e, &mut st)
-            .map_err(|err| PersistError::new(format!("snapshot of {:?}", e.id), err))
+        // Otherwise snapshot plus log already hold everything it applied; buffered updates
+        // it imported early are still in the buffer.
+        st.evicted = true;
+        Ok(())
     }
 }
 
@@ -384,36 +394,56 @@ impl DocStore {
     /// charges what the document actually grew to. Durable after the next
     /// [`DocStore::commit`] (or when the document is evicted).
     pub fn edit<R>(&self, id: &str, edit: impl FnOnce(&LoroDoc) -> R) -> Result<R, CrdtError> {
-        let e = self.resident(id)?;
-        let key = e.id.clone();
-        let before = {
-            let st = e.state.lock();
-            e.charge(&st)
-        };
-        self.shared
-            .cache
-            .resize(&key, before.saturating_add(self.edit_headroom), false)?;
-        let mut st = e.state.lock();
-        let vv = e.doc.oplog_vv();
-        let out = edit(&e.doc);
-        e.doc.commit();
-        if e.doc.oplog_vv() != vv {
-            let delta =
-                e.doc
-                    .export(ExportMode::updates(&vv))
-                    .map_err(|err| CrdtError::Export {
-                        id: key.clone(),
-                        reason: err.to_string(),
-                    })?;
-            st.encoded = st.encoded.saturating_add(delta.len());
-            st.dirty = true;
+        // The document may be evicted between being made resident and being locked here; the
+        // eviction hook marks it under the same lock, so the edit never lands in a copy that
+        // has already been persisted and dropped. Each pass makes it resident again.
+        let mut edit = Some(edit);
+        for _ in 0..EDIT_PASSES {
+            let e = self.resident(id)?;
+            let key = e.id.clone();
+            let before = {
+                let st = e.state.lock();
+                e.charge(&st)
+            };
+            self.shared
+                .cache
+                .resize(&key, before.saturating_add(self.edit_headroom), false)?;
+            let mut st = e.state.lock();
+            if st.evicted {
+                continue;
+            }
+            let vv = e.doc.oplog_vv();
+            let out = (edit.take().expect("applied once, in the pass that returns"))(&e.doc);
+            e.doc.commit();
+            // From here on the edit is applied: nothing below may report it as failed, or a
+            // caller that retries a refused edit would apply it twice.
+            if e.doc.oplog_vv() != vv {
+                st.dirty = true;
+                match e.doc.export(ExportMode::updates(&vv)) {
+                    Ok(delta) => st.encoded = st.encoded.saturating_add(delta.len()),
+                    // Only the byte model misses it; the document (dirty) is persisted whole.
+                    Err(err) => {
+                        tracing::warn!(doc = %key, error = %err, "could not size an applied edit");
+                    }
+                }
+            }
+            let after = e.charge(&st);
+            drop(st);
+            drop(e);
+            // The edit's memory exists: charge it even past the limit; pressure follows. An
+            // eviction since the lock was dropped persisted the edit (its hook takes the same
+            // lock): then there is nothing left to charge.
+            match self.shared.cache.resize(&key, after, true) {
+                Ok(()) | Err(CacheError::NotResident { .. }) => {}
+                Err(err) => {
+                    tracing::warn!(doc = %key, error = %err, "an applied edit could not be charged");
+                }
+            }
+            return Ok(out);
         }
-        let after = e.charge(&st);
-        drop(st);
-        drop(e);
-        // The edit's memory exists: charge it even past the limit; pressure follows.
-        self.shared.cache.resize(&key, after, true)?;
-        Ok(out)
+        Err(CrdtError::Cache(Box::new(CacheError::NotResident {
+            cache: self.shared.cache.name().to_owned(),
+        })))
     }
 
     /// Accepts an update (or snapshot) from a remote peer for the document. The bytes are
@@ -661,6 +691,7 @@ fn load(id: &str, stored: &Stored) -> Result<(DocEntry, usize), CrdtError> {
         has_pending,
         buffer_seen: 0,
         encoded: stored.encoded_bytes(),
+        evicted: false,
     };
     let entry = DocEntry {
         id: id.to_owned(),
