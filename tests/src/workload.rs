@@ -186,10 +186,7 @@ impl WorkloadConfig {
             query_limit: mib(96),
             bridge_limit: mib(96),
             sparse_limit: mib(8),
-            // The CRDT byte model under-counts documents edited after loading, and an applied
-            // edit is charged even past the limit (BENCHMARKS.md): 16 MiB was exceeded in
-            // about one demo run in three. The headroom keeps the demo honest about the rest.
-            crdt_limit: mib(24),
+            crdt_limit: mib(16),
             segments: 16,
             vectors_per_segment: 3_000,
             dim: 64,
