@@ -120,7 +120,7 @@ impl BorrowReport {
             human_bytes(c.query_floor),
         );
         for r in &self.runs {
-            let (p50, p99) = percentiles(&r.waits);
+            let (p50, p99) = crate::workload::p50_p99(&r.waits).unwrap_or_default();
             let _ = writeln!(
                 s,
                 "| {} | {}/22 | {}/22 | {:.1?} | {} | {} | {:.1?} / {:.1?} | {} |",
@@ -141,16 +141,6 @@ impl BorrowReport {
         }
         s
     }
-}
-
-fn percentiles(waits: &[Duration]) -> (Duration, Duration) {
-    let mut w = waits.to_vec();
-    if w.is_empty() {
-        return (Duration::ZERO, Duration::ZERO);
-    }
-    w.sort();
-    let rank = |q: f64| w[((q * w.len() as f64).ceil() as usize).clamp(1, w.len()) - 1];
-    (rank(0.5), rank(0.99))
 }
 
 /// The governor of one run: Query with a small floor and a limit of the whole ceiling, the

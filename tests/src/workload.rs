@@ -350,14 +350,8 @@ pub struct WorkloadReport {
 impl WorkloadReport {
     /// The median and 99th percentile (nearest rank) of the drops' drain times.
     pub fn drain_percentiles(&self) -> Option<(Duration, Duration)> {
-        let mut times: Vec<Duration> = self.drops.iter().map(|d| d.drain_time).collect();
-        if times.is_empty() {
-            return None;
-        }
-        times.sort();
-        let rank =
-            |q: f64| times[((q * times.len() as f64).ceil() as usize).clamp(1, times.len()) - 1];
-        Some((rank(0.5), rank(0.99)))
+        let times: Vec<Duration> = self.drops.iter().map(|d| d.drain_time).collect();
+        p50_p99(&times)
     }
 
     /// True when every promise held.
@@ -474,6 +468,18 @@ impl WorkloadReport {
         }
         s
     }
+}
+
+/// The median and 99th percentile (nearest rank) of `times`; `None` when there are none.
+pub fn p50_p99(times: &[Duration]) -> Option<(Duration, Duration)> {
+    if times.is_empty() {
+        return None;
+    }
+    let mut sorted = times.to_vec();
+    sorted.sort();
+    let n = sorted.len();
+    let rank = |q: f64| sorted[((q * n as f64).ceil() as usize).clamp(1, n) - 1];
+    Some((rank(0.5), rank(0.99)))
 }
 
 /// How far above its limit an engine's arena may peak: the allocator is read once per monitor
@@ -676,14 +682,7 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
         std::thread::spawn(move || {
             let mut last_point: Option<Instant> = None;
             while !stop.load(Ordering::Acquire) {
-                for engine in [
-                    EngineId::Vector,
-                    EngineId::Timeseries,
-                    EngineId::Query,
-                    EngineId::Bridge,
-                    EngineId::Sparse,
-                    EngineId::Crdt,
-                ] {
+                for engine in ENGINES {
                     // The promise the books keep at every instant: live reservations within
                     // the limit. (`granted` also carries the allocator drift charged to the
                     // engine, a measured fact that may pass the limit for a tick; the
