@@ -212,7 +212,10 @@ impl EngineLedger {
         (self.limit() as isize - room).max(0) as usize
     }
 
-    /// High-water mark of `granted`.
+    /// High-water mark of what admissions and charges granted: tokens plus idle credit,
+    /// without the drift charged as untracked. (That drift is a measurement that rises
+    /// between admissions; counting it here only when an admission happened to coincide
+    /// would make the figure depend on timing. Its own peak is in the reconciliation.)
     pub(crate) fn peak(&self) -> usize {
         self.peak.load(Ordering::Acquire)
     }
@@ -388,7 +391,10 @@ impl Ledger {
             }) {
             Ok(global_before) => {
                 let granted_after = (e.limit() as isize - room_before + signed).max(0) as usize;
-                e.peak.fetch_max(granted_after, Ordering::AcqRel);
+                e.peak.fetch_max(
+                    granted_after.saturating_sub(e.untracked()),
+                    Ordering::AcqRel,
+                );
                 self.global_peak
                     .fetch_max(global_before + bytes, Ordering::AcqRel);
                 Ok(())
@@ -533,7 +539,10 @@ impl Ledger {
         let room_before = e.room.fetch_sub(bytes as isize, Ordering::AcqRel);
         let global_before = self.global.fetch_add(bytes, Ordering::AcqRel);
         let granted_after = (e.limit() as isize - room_before + bytes as isize).max(0) as usize;
-        e.peak.fetch_max(granted_after, Ordering::AcqRel);
+        e.peak.fetch_max(
+            granted_after.saturating_sub(e.untracked()),
+            Ordering::AcqRel,
+        );
         self.global_peak
             .fetch_max(global_before + bytes, Ordering::AcqRel);
         if granted_after > e.limit() || global_before + bytes > self.ceiling() {

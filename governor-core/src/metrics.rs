@@ -40,7 +40,9 @@ pub struct EngineSnapshot {
     pub floor: usize,
     /// Hard limit.
     pub limit: usize,
-    /// High-water mark of `granted`.
+    /// High-water mark of what admissions and charges granted (tokens plus idle credit),
+    /// without the allocator drift charged as untracked: at most `limit` unless bytes were
+    /// booked past it by `charge`/`force_grow`. The drift's own peak is in `allocation`.
     pub peak: usize,
     /// Bytes held above the floor (borrowed from others' idle floors).
     pub borrowed: usize,
