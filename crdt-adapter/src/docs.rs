@@ -48,6 +48,8 @@ impl Weighted for RemoteUpdate {
 }
 
 /// What the store knows about a resident document besides the document itself.
+// Independent facts kept under one lock (any combination occurs), not states of one machine.
+#[allow(clippy::struct_excessive_bools)]
 struct EntryState {
     /// Local edits since the last snapshot or logged delta.
     dirty: bool,
@@ -61,6 +63,14 @@ struct EntryState {
     buffer_seen: u64,
     /// Encoded bytes the document was built from (for the byte model).
     encoded: usize,
+    /// Its history is decoded in memory (a local edit, an import or a replayed log did
+    /// it), which the byte model charges per change (see
+    /// [`model::BYTES_PER_DECODED_CHANGE`]).
+    decoded: bool,
+    /// The load replayed logged updates: the next eviction writes a snapshot even if
+    /// nothing changed, so the next load starts from encoded history (a smaller charge,
+    /// and no replay) instead of decoding it again.
+    compact: bool,
     /// Set by the eviction hook, under this lock, once the document's state is in the store
     /// and the cache is about to drop it: an edit that finds it set must load the document
     /// again, or its change would land in a copy nobody persists.
@@ -75,8 +85,19 @@ pub(crate) struct DocEntry {
 }
 
 impl DocEntry {
+    /// What the document is charged now.
     fn charge(&self, st: &EntryState) -> usize {
-        model::charge(self.doc.len_ops(), st.encoded)
+        if st.decoded {
+            self.decoded_charge(st)
+        } else {
+            model::charge(self.doc.len_ops(), st.encoded)
+        }
+    }
+
+    /// What it is charged once an edit or import has decoded its history: what those
+    /// reserve before they run.
+    fn decoded_charge(&self, st: &EntryState) -> usize {
+        model::decoded_charge(self.doc.len_ops(), st.encoded, self.doc.len_changes())
     }
 }
 
@@ -88,6 +109,38 @@ struct Shared {
     /// resident document has the flushed updates, so no load misses an update that has
     /// left the buffer.
     publish: RwLock<()>,
+}
+
+impl Shared {
+    /// Books a resident document's charge after an edit or import changed its memory.
+    ///
+    /// Growth is asked for like any reservation (colder documents are evicted for it). If
+    /// the engine has no room even then, the document itself is persisted and dropped: its
+    /// memory was never granted, and booking it past the limit would break the engine's
+    /// budget for memory the adapter can give back at once. Only a document that cannot be
+    /// evicted (pinned, in use by another caller, or failing to persist) is booked past the
+    /// limit, because its memory exists; the overcommit then raises pressure and is logged.
+    ///
+    /// The caller holds neither the document's state lock nor its `Arc` (a held `Arc`
+    /// makes the eviction answer "busy").
+    fn settle_charge(&self, id: &String, bytes: usize) {
+        match self.cache.resize(id, bytes, false) {
+            Ok(()) | Err(CacheError::NotResident { .. }) => return,
+            Err(CacheError::NoRoom { .. }) => {}
+            Err(err) => {
+                tracing::warn!(doc = %id, error = %err, "a changed document could not be charged");
+                return;
+            }
+        }
+        let err = match self.cache.evict(id) {
+            Ok(_) | Err(CacheError::NotResident { .. }) => return,
+            Err(err) => err,
+        };
+        tracing::warn!(doc = %id, error = %err, "no room for a grown document that cannot be evicted; booked past the Crdt limit");
+        if let Err(err) = self.cache.resize(id, bytes, true) {
+            tracing::warn!(doc = %id, error = %err, "a changed document could not be charged");
+        }
+    }
 }
 
 /// How many times an edit makes its document resident again when an eviction takes it
@@ -106,6 +159,7 @@ fn import_into(e: &DocEntry, st: &mut EntryState, bytes: &[u8]) -> Result<(), Cr
         })?;
     st.has_pending |= status.pending.is_some();
     st.encoded = st.encoded.saturating_add(bytes.len());
+    st.decoded = true;
     Ok(())
 }
 
@@ -120,6 +174,7 @@ fn snapshot_and_compact(db: &Database, e: &DocEntry, st: &mut EntryState) -> Res
         })?;
     store::write_snapshot(db, &e.id, &snapshot, st.applied_through, st.has_pending)?;
     st.dirty = false;
+    st.compact = false;
     st.persisted_vv = e.doc.oplog_vv();
     Ok(())
 }
@@ -130,7 +185,7 @@ struct PersistOnEvict(Arc<Database>);
 impl EvictionHook<String, DocEntry> for PersistOnEvict {
     fn before_evict(&self, _id: &String, e: &DocEntry) -> Result<(), PersistError> {
         let mut st = e.state.lock();
-        if st.dirty {
+        if st.dirty || st.compact {
             snapshot_and_compact(&self.0, e, &mut st)
                 .map_err(|err| PersistError::new(format!("snapshot of {:?}", e.id), err))?;
         }
@@ -145,15 +200,15 @@ impl EvictionHook<String, DocEntry> for PersistOnEvict {
 struct Sink(Arc<Shared>);
 
 impl Sink {
-    /// Imports a flushed update into a resident document and charges what it added.
+    /// Imports a flushed update into a resident document; returns its new charge (booked
+    /// by the caller once it has let go of the document).
     fn apply(
-        shared: &Shared,
         e: &DocEntry,
         st: &mut EntryState,
         u: &RemoteUpdate,
         buffer_seq: u64,
         log_seq: u64,
-    ) {
+    ) -> usize {
         if let Err(err) = import_into(e, st, &u.bytes) {
             // Checked at receipt: a failure here is loro's, and the next load meets it
             // again and reports it.
@@ -162,8 +217,7 @@ impl Sink {
         }
         st.buffer_seen = buffer_seq;
         st.applied_through = st.applied_through.max(log_seq);
-        // Within what was reserved (or, for a busy document, what exists): never refused.
-        let _ = shared.cache.resize(&u.id, e.charge(st), true);
+        e.charge(st)
     }
 }
 
@@ -188,22 +242,35 @@ impl BatchSink<RemoteUpdate> for Sink {
             if buffer_seq > st.buffer_seen {
                 // Reserve what the import can add first; if there is no room, evict the
                 // document instead (its log now holds the update for the next load).
-                let want = e.charge(&st).saturating_add(model::import_growth(&u.bytes));
+                let want = e
+                    .decoded_charge(&st)
+                    .saturating_add(model::import_growth(&u.bytes));
                 if shared.cache.resize(&u.id, want, false).is_err() {
                     drop(st);
                     drop(e);
                     if shared.cache.evict(&u.id).is_ok() {
                         continue;
                     }
-                    tracing::warn!(doc = %u.id, "no room to apply a flushed update to a busy document; charged past the limit");
+                    // Pinned or in use: it must see the update; `settle_charge` books it.
                     let Some(again) = shared.cache.peek(&u.id) else {
                         continue;
                     };
                     let mut st = again.state.lock();
-                    Self::apply(shared, &again, &mut st, u, buffer_seq, log_seq);
+                    if buffer_seq <= st.buffer_seen {
+                        st.applied_through = st.applied_through.max(log_seq);
+                        continue;
+                    }
+                    let after = Self::apply(&again, &mut st, u, buffer_seq, log_seq);
+                    drop(st);
+                    drop(again);
+                    shared.settle_charge(&u.id, after);
                     continue;
                 }
-                Self::apply(shared, &e, &mut st, u, buffer_seq, log_seq);
+                let after = Self::apply(&e, &mut st, u, buffer_seq, log_seq);
+                drop(st);
+                drop(e);
+                // Within what was reserved unless an import resolved earlier pending updates.
+                shared.settle_charge(&u.id, after);
             } else {
                 st.applied_through = st.applied_through.max(log_seq);
             }
@@ -401,9 +468,10 @@ impl DocStore {
         for _ in 0..EDIT_PASSES {
             let e = self.resident(id)?;
             let key = e.id.clone();
+            // An edit decodes the history of a document loaded from its snapshot.
             let before = {
                 let st = e.state.lock();
-                e.charge(&st)
+                e.decoded_charge(&st)
             };
             self.shared
                 .cache
@@ -419,6 +487,7 @@ impl DocStore {
             // caller that retries a refused edit would apply it twice.
             if e.doc.oplog_vv() != vv {
                 st.dirty = true;
+                st.decoded = true;
                 match e.doc.export(ExportMode::updates(&vv)) {
                     Ok(delta) => st.encoded = st.encoded.saturating_add(delta.len()),
                     // Only the byte model misses it; the document (dirty) is persisted whole.
@@ -430,15 +499,9 @@ impl DocStore {
             let after = e.charge(&st);
             drop(st);
             drop(e);
-            // The edit's memory exists: charge it even past the limit; pressure follows. An
-            // eviction since the lock was dropped persisted the edit (its hook takes the same
-            // lock): then there is nothing left to charge.
-            match self.shared.cache.resize(&key, after, true) {
-                Ok(()) | Err(CacheError::NotResident { .. }) => {}
-                Err(err) => {
-                    tracing::warn!(doc = %key, error = %err, "an applied edit could not be charged");
-                }
-            }
+            // An eviction since the lock was dropped persisted the edit (its hook takes the
+            // same lock): then there is nothing left to charge.
+            self.shared.settle_charge(&key, after);
             return Ok(out);
         }
         Err(CrdtError::Cache(Box::new(CacheError::NotResident {
@@ -501,13 +564,15 @@ impl DocStore {
     /// delta. On error nothing acknowledged so far is lost; call again to retry.
     pub async fn commit(&self) -> Result<(), CrdtError> {
         self.buffer.flush().await?;
-        let entries: Vec<Arc<DocEntry>> = self
+        let mut entries: Vec<Arc<DocEntry>> = self
             .shared
             .cache
             .keys()
             .iter()
             .filter_map(|k| self.shared.cache.peek(k))
             .collect();
+        // One lock order for every caller, so two commits at once cannot deadlock.
+        entries.sort_by(|a, b| a.id.cmp(&b.id));
         let mut locked: Vec<_> = entries
             .iter()
             .map(|e| (e, e.state.lock()))
@@ -632,7 +697,7 @@ impl DocStore {
         let grow = todo
             .iter()
             .fold(0usize, |n, b| n.saturating_add(model::import_growth(b)));
-        let before = e.charge(&st);
+        let before = e.decoded_charge(&st);
         self.shared
             .cache
             .resize(&e.id, before.saturating_add(grow), false)?;
@@ -642,8 +707,9 @@ impl DocStore {
         st.buffer_seen = last;
         let after = e.charge(&st);
         drop(st);
-        // At most what was reserved: a shrink.
-        self.shared.cache.resize(&e.id, after, true)?;
+        // At most what was reserved (a shrink) unless an import resolved earlier pending
+        // updates; the caller's `Arc` keeps the document from being evicted for it here.
+        self.shared.settle_charge(&e.id, after);
         Ok(())
     }
 }
@@ -654,16 +720,22 @@ fn estimate(id: &str, stored: &Stored) -> Result<usize, CrdtError> {
         id: id.to_owned(),
         reason: format!("{what}: {e}"),
     };
-    let mut ops = model::blob_ops(
-        &LoroDoc::decode_import_blob_meta(&stored.snapshot, true)
-            .map_err(|e| corrupt("snapshot", e))?,
-    );
+    let snapshot = LoroDoc::decode_import_blob_meta(&stored.snapshot, true)
+        .map_err(|e| corrupt("snapshot", e))?;
+    let mut ops = model::blob_ops(&snapshot);
+    let mut changes = snapshot.change_num as usize;
     for (_, u) in &stored.log {
         let meta =
             LoroDoc::decode_import_blob_meta(u, true).map_err(|e| corrupt("logged update", e))?;
         ops = ops.saturating_add(model::blob_ops(&meta));
+        changes = changes.saturating_add(meta.change_num as usize);
     }
-    Ok(model::charge(ops, stored.encoded_bytes()))
+    // Replaying logged updates decodes the history (see `EntryState::decoded`).
+    Ok(if stored.log.is_empty() {
+        model::charge(ops, stored.encoded_bytes())
+    } else {
+        model::decoded_charge(ops, stored.encoded_bytes(), changes)
+    })
 }
 
 /// Builds a document from its stored snapshot and log.
@@ -691,6 +763,8 @@ fn load(id: &str, stored: &Stored) -> Result<(DocEntry, usize), CrdtError> {
         has_pending,
         buffer_seen: 0,
         encoded: stored.encoded_bytes(),
+        decoded: !stored.log.is_empty(),
+        compact: !stored.log.is_empty(),
         evicted: false,
     };
     let entry = DocEntry {

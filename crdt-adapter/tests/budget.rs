@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use common::{KINDS, edit, governor, peer_updates};
 use crdt_adapter::DocStore;
-use crdt_adapter::loro::LoroDoc;
+use crdt_adapter::loro::{ExportMode, LoroDoc};
 use governor_core::{EngineId, mib};
 
 const DOCS: usize = 60;
@@ -144,4 +144,164 @@ async fn tenth_of_the_documents_reads_back_everything() {
         .open()
         .unwrap();
     check_all(&reopened, &written, 2);
+}
+
+/// Edits and merged remote updates on a hot set of documents under a budget that holds a
+/// few of them: every change is reserved before it is applied, or its document is
+/// persisted and dropped, so nothing is ever booked past the Crdt limit (no forced
+/// charge), and every document reads back with all its edits and merges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_and_merges_are_never_booked_past_the_limit() {
+    const DOCS: u64 = 24;
+    const ROUNDS: u64 = 1500;
+    let dir = tempfile::tempdir().unwrap();
+    // A quarter of what the documents grow to (the hottest reach about 150 KiB of charge),
+    // and the store's own page cache.
+    let limit = 64 * 1024 + 1024 * 1024;
+    let gov = governor(limit);
+    let store = DocStore::builder(gov.clone(), dir.path().join("docs.redb"))
+        .store_cache_bytes(64 * 1024)
+        .chunk_bytes(4 * 1024)
+        .flush_bytes(16 * 1024)
+        .open()
+        .unwrap();
+    let _watcher = store.spawn_pressure_watcher().unwrap();
+    let peers: Vec<LoroDoc> = (0..DOCS)
+        .map(|d| {
+            let p = LoroDoc::new();
+            p.set_peer_id(0xBEEF_0000 + d).unwrap();
+            p
+        })
+        .collect();
+    let mut shadows: Vec<LoroDoc> = (0..DOCS)
+        .map(|d| {
+            store.create(&format!("doc-{d}")).unwrap();
+            let s = LoroDoc::new();
+            s.set_peer_id(LOCAL_PEER).unwrap();
+            s
+        })
+        .collect();
+    for round in 0..ROUNDS {
+        // Three rounds in four on a hot third of the documents.
+        let d = if round % 4 == 0 {
+            (round * 7919) % DOCS
+        } else {
+            (round * 31) % (DOCS / 3)
+        } as usize;
+        let id = format!("doc-{d}");
+        let entry = format!("l{round};");
+        let local = |doc: &LoroDoc| {
+            doc.set_peer_id(LOCAL_PEER).unwrap();
+            let text = doc.get_text("local");
+            text.insert(text.len_unicode(), &entry).unwrap();
+        };
+        store.edit(&id, local).unwrap();
+        local(&shadows[d]);
+        let peer = &peers[d];
+        let before = peer.oplog_vv();
+        peer.get_map("remote")
+            .insert(&format!("r{round}"), round as i64)
+            .unwrap();
+        peer.commit();
+        let update = peer.export(ExportMode::updates(&before)).unwrap();
+        shadows[d].import(&update).unwrap();
+        store.receive(&id, update).await.unwrap();
+        if round % 100 == 99 {
+            store.commit().await.unwrap();
+        }
+    }
+    store.commit().await.unwrap();
+    for (d, shadow) in shadows.iter_mut().enumerate() {
+        let id = format!("doc-{d}");
+        assert_eq!(store.value(&id).unwrap(), shadow.get_deep_value(), "{id}");
+    }
+    let stats = store.stats();
+    assert!(
+        stats.cache.evictions > 0,
+        "the budget must evict: {stats:?}"
+    );
+    let crdt = gov
+        .snapshot()
+        .engines
+        .into_iter()
+        .find(|e| e.engine == EngineId::Crdt)
+        .unwrap();
+    println!(
+        "{stats:?}\nCrdt peak {} of {limit} B, forced {} B",
+        crdt.peak, crdt.forced_bytes
+    );
+    assert_eq!(
+        crdt.forced_bytes, 0,
+        "bytes booked past the limit: {crdt:?}"
+    );
+    assert!(crdt.peak <= limit, "{crdt:?}");
+}
+
+/// Letters that do not compress, so a value's charge follows its length.
+fn noise(len: usize, seed: u64) -> String {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect()
+}
+
+/// An edit that grows its document past what the engine can still grant (the rest is
+/// pinned) is kept, and the document is persisted and dropped instead of being booked
+/// past the limit; it reads back whole once there is room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_that_outgrows_the_budget_is_persisted_not_overbooked() {
+    let dir = tempfile::tempdir().unwrap();
+    let limit = 64 * 1024 + 1024 * 1024;
+    let gov = governor(limit);
+    let store = DocStore::builder(gov.clone(), dir.path().join("docs.redb"))
+        .store_cache_bytes(64 * 1024)
+        .open()
+        .unwrap();
+    store.create("filler").unwrap();
+    store.create("big").unwrap();
+    for k in 0..3 {
+        store
+            .edit("filler", |d| {
+                d.get_map("m")
+                    .insert(&format!("v{k}"), noise(100 * 1024, k))
+            })
+            .unwrap()
+            .unwrap();
+    }
+    store.pin("filler").unwrap();
+    let held = gov.reserved(EngineId::Crdt);
+    assert!(held > limit / 2, "the filler holds {held} of {limit} B");
+
+    let value = noise(100 * 1024, 7);
+    store
+        .edit("big", |d| d.get_map("m").insert("v", value.clone()))
+        .unwrap()
+        .unwrap();
+    assert!(
+        !store.is_resident("big"),
+        "no room for it: it must have been dropped"
+    );
+    let crdt = gov
+        .snapshot()
+        .engines
+        .into_iter()
+        .find(|e| e.engine == EngineId::Crdt)
+        .unwrap();
+    assert_eq!(crdt.forced_bytes, 0, "booked past the limit: {crdt:?}");
+    assert!(crdt.peak <= limit, "{crdt:?}");
+
+    store.unpin("filler").unwrap();
+    let read = store.value("big").unwrap();
+    let got = read
+        .as_map()
+        .and_then(|m| m.get("m"))
+        .and_then(|m| m.as_map())
+        .and_then(|m| m.get("v"))
+        .cloned();
+    assert_eq!(got, Some(value.into()));
 }
