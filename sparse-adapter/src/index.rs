@@ -306,6 +306,12 @@ impl SparseIndex {
         self.shared.cache.reclaim(target)
     }
 
+    /// The write buffer's figures alone: unlike [`Self::stats`] it reads nothing from the
+    /// store, so progress reporters can call it after every insert.
+    pub fn buffer_stats(&self) -> BufferStats {
+        self.buffer.stats()
+    }
+
     /// Current figures.
     pub fn stats(&self) -> Result<SparseStats, SparseError> {
         Ok(SparseStats {

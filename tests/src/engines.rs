@@ -16,7 +16,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crdt_adapter::loro::{ExportMode, LoroDoc, LoroValue};
@@ -191,7 +191,9 @@ pub async fn sparse_ingest_and_search(
     work: SparseWork,
     dir: &Path,
     progress: &AtomicUsize,
+    flushes: &AtomicU64,
 ) -> Result<SparseOutcome, String> {
+    let mut tally = crate::progress::FlushTally::new(flushes);
     let index = SparseIndex::builder(governor, dir.join("sparse.redb"))
         .store_cache_bytes(work.store_cache_bytes)
         .flush_bytes(work.flush_bytes)
@@ -212,6 +214,7 @@ pub async fn sparse_ingest_and_search(
         .await?;
         outcome.inserted += 1;
         progress.store(outcome.inserted as usize, Ordering::Release);
+        tally.note(index.buffer_stats().flushes);
         if (doc + 1).is_multiple_of(work.commit_every) {
             index.commit().await.map_err(|e| format!("commit: {e}"))?;
         }
@@ -345,7 +348,9 @@ pub async fn crdt_edit_and_merge(
     work: CrdtWork,
     dir: &Path,
     progress: &AtomicUsize,
+    flushes: &AtomicU64,
 ) -> Result<CrdtOutcome, String> {
+    let mut tally = crate::progress::FlushTally::new(flushes);
     let store = DocStore::builder(governor, dir.join("docs.redb"))
         .store_cache_bytes(work.store_cache_bytes)
         .flush_bytes(work.flush_bytes)
@@ -407,6 +412,7 @@ pub async fn crdt_edit_and_merge(
         )
         .await?;
         outcome.merges += 1;
+        tally.note(store.stats().buffer.flushes);
         if (round + 1).is_multiple_of(work.commit_every) {
             store.commit().await.map_err(|e| format!("commit: {e}"))?;
         }

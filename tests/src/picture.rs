@@ -1,7 +1,8 @@
 //! The run as a picture: an SVG timeline of every engine's reserved and allocated bytes
 //! against its limit, the process's RSS against the ceiling, and markers where the global
-//! pressure level changed, where reclaims were requested and where the query engine's
-//! operators spilled.
+//! pressure level changed, where reclaims were requested, where the query engine's
+//! operators spilled and where a timeseries memtable or a Sparse or CRDT write buffer
+//! flushed.
 //!
 //! Drawn with `plotters`' SVG backend (text becomes SVG `<text>`, so no system fonts are
 //! needed). One chart, time on x and MiB on y: each engine has one colour, solid for its
@@ -136,7 +137,11 @@ pub fn write_svg(report: &WorkloadReport, path: &Path) -> Result<(), String> {
     let mut changes = Vec::new();
     let mut reclaims = Vec::new();
     let mut spills = Vec::new();
+    let mut flushes = Vec::new();
     for pair in points.windows(2) {
+        if pair[1].flushes > pair[0].flushes {
+            flushes.push((pair[1].seconds, y_end * 0.86));
+        }
         if pair[1].spills > pair[0].spills {
             spills.push((pair[1].seconds, y_end * 0.90));
         }
@@ -178,6 +183,16 @@ pub fn write_svg(report: &WorkloadReport, path: &Path) -> Result<(), String> {
         .map_err(|e| err(&e))?
         .label("query operators spilled")
         .legend(|(x, y)| Circle::new((x + 8, y), 3, BLUE.filled()));
+    let flush_colour = RGBColor(120, 120, 120);
+    chart
+        .draw_series(flushes.iter().map(|&(x, y)| {
+            EmptyElement::at((x, y)) + Rectangle::new([(-3, -3), (3, 3)], flush_colour.filled())
+        }))
+        .map_err(|e| err(&e))?
+        .label("memtable or write buffer flushed")
+        .legend(move |(x, y)| {
+            Rectangle::new([(x + 5, y - 3), (x + 11, y + 3)], flush_colour.filled())
+        });
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.85))

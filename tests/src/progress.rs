@@ -4,7 +4,7 @@
 
 use std::io::IsTerminal;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use governor_core::alloc::ProcessMemory;
@@ -29,6 +29,30 @@ pub struct Counters {
     pub sparse_docs: Arc<AtomicUsize>,
     /// CRDT edit-and-merge rounds done.
     pub crdt_rounds: Arc<AtomicUsize>,
+    /// Flushes so far of the timeseries memtables and the Sparse and CRDT write buffers.
+    pub flushes: Arc<AtomicU64>,
+}
+
+/// Adds one engine's running flush count to a total shared by several engines.
+#[derive(Debug)]
+pub struct FlushTally<'a> {
+    total: &'a AtomicU64,
+    seen: u64,
+}
+
+impl<'a> FlushTally<'a> {
+    /// A tally adding to `total`.
+    pub fn new(total: &'a AtomicU64) -> Self {
+        Self { total, seen: 0 }
+    }
+
+    /// Records that the engine has flushed `count` times in all.
+    pub fn note(&mut self, count: u64) {
+        if count > self.seen {
+            self.total.fetch_add(count - self.seen, Ordering::Relaxed);
+            self.seen = count;
+        }
+    }
 }
 
 /// How much work there is in all.

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::{Float64Array, Int64Array, RecordBatch};
@@ -112,13 +112,15 @@ pub struct TimelinePoint {
     pub reclaims: u64,
     /// Denials of the Query engine's DataFusion operators so far: each is normally a spill.
     pub spills: u64,
+    /// Flushes so far of the timeseries memtables and the Sparse and CRDT write buffers.
+    pub flushes: u64,
     /// Per engine in [`ENGINES`] order: reserved bytes, limit, and the arena's allocated
     /// bytes at the monitor's last tick (when jemalloc arenas are in use).
     pub engines: Vec<(EngineId, usize, usize, Option<usize>)>,
 }
 
 impl TimelinePoint {
-    fn now(governor: &MemoryGovernor, started: Instant, rss: usize) -> Self {
+    fn now(governor: &MemoryGovernor, started: Instant, rss: usize, flushes: u64) -> Self {
         let snapshot = governor.snapshot();
         let engines = ENGINES
             .iter()
@@ -138,6 +140,7 @@ impl TimelinePoint {
             ceiling: snapshot.ceiling,
             pressure: snapshot.global_pressure as u8,
             reclaims: snapshot.engines.iter().map(|e| e.reclaim_requests).sum(),
+            flushes,
             spills: snapshot
                 .consumers
                 .iter()
@@ -679,6 +682,7 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
             samples.clone(),
             timeline.clone(),
         );
+        let flushes = Arc::clone(&counters.flushes);
         std::thread::spawn(move || {
             let mut last_point: Option<Instant> = None;
             while !stop.load(Ordering::Acquire) {
@@ -700,9 +704,12 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
                 peak_rss.fetch_max(rss, Ordering::AcqRel);
                 if last_point.is_none_or(|t| t.elapsed() >= TIMELINE_STEP) {
                     last_point = Some(Instant::now());
-                    timeline
-                        .lock()
-                        .push(TimelinePoint::now(&governor, started, rss));
+                    timeline.lock().push(TimelinePoint::now(
+                        &governor,
+                        started,
+                        rss,
+                        flushes.load(Ordering::Relaxed),
+                    ));
                 }
                 samples.fetch_add(1, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(5));
@@ -750,15 +757,16 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
     };
     let progress = Arc::clone(&counters.points);
     let ingest = {
-        let (governor, cfg, path, progress) = (
+        let (governor, cfg, path, progress, flushes) = (
             governor.clone(),
             config.clone(),
             dir.path().join("timeseries"),
             progress.clone(),
+            Arc::clone(&counters.flushes),
         );
-        runtimes
-            .timeseries()
-            .spawn(async move { timeseries_ingest(governor, &cfg, path, &progress).await })
+        runtimes.timeseries().spawn(async move {
+            timeseries_ingest(governor, &cfg, path, &progress, &flushes).await
+        })
     };
     let dropper = config.drops.map(|drops| {
         let (governor, progress) = (governor.clone(), progress.clone());
@@ -775,16 +783,18 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
     let sparse = {
         let (governor, work, dir) = (governor.clone(), config.sparse, dir.path().to_owned());
         let done = Arc::clone(&counters.sparse_docs);
-        runtimes
-            .sparse()
-            .spawn(async move { sparse_ingest_and_search(governor, work, &dir, &done).await })
+        let flushes = Arc::clone(&counters.flushes);
+        runtimes.sparse().spawn(async move {
+            sparse_ingest_and_search(governor, work, &dir, &done, &flushes).await
+        })
     };
     let crdt = {
         let (governor, work, dir) = (governor.clone(), config.crdt, dir.path().to_owned());
         let done = Arc::clone(&counters.crdt_rounds);
+        let flushes = Arc::clone(&counters.flushes);
         runtimes
             .crdt()
-            .spawn(async move { crdt_edit_and_merge(governor, work, &dir, &done).await })
+            .spawn(async move { crdt_edit_and_merge(governor, work, &dir, &done, &flushes).await })
     };
     let mut report = WorkloadReport {
         ceiling: config.ceiling,
@@ -1028,7 +1038,9 @@ async fn timeseries_ingest(
     cfg: &WorkloadConfig,
     dir: std::path::PathBuf,
     progress: &AtomicUsize,
+    flushes: &AtomicU64,
 ) -> Result<(usize, usize, usize), String> {
+    let mut tally = crate::progress::FlushTally::new(flushes);
     let flusher = FileSegmentFlusher::new(&dir).map_err(|e| format!("segment dir: {e}"))?;
     let adapter = TimeseriesAdapter::builder(governor)
         .flusher(Arc::new(flusher))
@@ -1048,6 +1060,7 @@ async fn timeseries_ingest(
                         ingested += rest.len();
                         rest = &[];
                         progress.store(ingested, Ordering::Release);
+                        tally.note(adapter.stats().flushes);
                     }
                     Err(e @ timeseries_adapter::IngestError::Throttled { .. }) => {
                         // Lossless backpressure: keep the unstored suffix and try again.
@@ -1260,6 +1273,7 @@ impl WorkloadReport {
                         "pressure": p.pressure,
                         "reclaims": p.reclaims,
                         "spills": p.spills,
+                        "flushes": p.flushes,
                         "engines": p.engines.iter().map(|(e, reserved, limit, allocated)| {
                             serde_json::json!({
                                 "engine": e.to_string(),

@@ -92,4 +92,10 @@ fn the_reports_of_a_small_run_have_every_engine() {
         );
     }
     assert!(picture.contains("process RSS") && picture.contains("ceiling"));
+
+    // Flushes are counted on the timeline and marked in the picture: the ingest's memtables
+    // flush long before it ends, and the sampler records a point at least every 50 ms.
+    let flushes = timeline.last().unwrap()["flushes"].as_u64().unwrap();
+    assert!(flushes > 0, "no flush on the timeline");
+    assert!(picture.contains("write buffer flushed"));
 }
