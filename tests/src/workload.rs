@@ -12,6 +12,7 @@ use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion_pool::GovernorExt;
+use futures::StreamExt;
 use governor_core::alloc::ProcessMemory;
 use governor_core::rss_monitor::RssMonitorConfig;
 use governor_core::{
@@ -1166,15 +1167,21 @@ async fn sql_group_by(
         } else {
             "SELECT k, avg(v) AS a, max(v) AS m FROM t GROUP BY k"
         };
+        // Streamed and counted, as a server streams rows to its client: collecting ~1 M
+        // groups would hold every result batch at once, tens of MiB that no operator
+        // reserved (they showed as the Query arena's drift).
         let run = async {
-            let df = ctx.sql(sql).await?;
-            df.collect().await
+            let mut stream = ctx.sql(sql).await?.execute_stream().await?;
+            let mut rows = 0;
+            while let Some(batch) = stream.next().await {
+                rows += batch?.num_rows();
+            }
+            Ok::<_, datafusion::error::DataFusionError>(rows)
         };
-        let batches = tokio::time::timeout(Duration::from_mins(10), run)
+        let rows = tokio::time::timeout(Duration::from_mins(10), run)
             .await
             .map_err(|_| format!("query {q} timed out"))?
             .map_err(|e| format!("query {q}: {e}"))?;
-        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
         if rows != expected_groups {
             return Err(format!(
                 "query {q}: {rows} groups, expected {expected_groups}"
