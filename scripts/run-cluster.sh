@@ -62,10 +62,15 @@ trap 'exit 130' INT TERM
 base="${CLUSTER_PORT_BASE:-0}"
 scheduler_port=$((50050 + base))
 
-# Waits until something listens on 127.0.0.1:$1, or fails after a generous deadline.
+# Waits until something listens on 127.0.0.1:$1, or fails when process $3 exits or after a
+# generous deadline.
 wait_port() {
-    local port="$1" what="$2" deadline=$((SECONDS + 120))
+    local port="$1" what="$2" pid="$3" deadline=$((SECONDS + 120))
     until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            echo "run-cluster: $what exited before listening on port $port" >&2
+            return 1
+        fi
         if [ "$SECONDS" -ge "$deadline" ]; then
             echo "run-cluster: $what did not listen on port $port within 120 s" >&2
             return 1
@@ -81,7 +86,7 @@ echo "== scheduler on 127.0.0.1:$scheduler_port"
 "$bin/cluster-scheduler" --bind-host 127.0.0.1 --bind-port "$scheduler_port" \
     >"$work/scheduler.log" 2>&1 &
 pids+=($!)
-wait_port "$scheduler_port" scheduler
+wait_port "$scheduler_port" scheduler "${pids[0]}"
 
 for i in 1 2; do
     flight=$((50060 + i + base))
@@ -98,7 +103,7 @@ for i in 1 2; do
         >"$work/executor-$i.out" 2>"$work/executor-$i.log" &
     pids+=($!)
 done
-for i in 1 2; do wait_port $((50060 + i + base)) "executor $i"; done
+for i in 1 2; do wait_port $((50060 + i + base)) "executor $i" "${pids[$i]}"; done
 
 echo "== TPC-H on the cluster"
 status=0

@@ -152,8 +152,11 @@ fn build_governor(args: &Args) -> Result<(Arc<MemoryGovernor>, bool), MemError> 
         None => GovernorConfig::builder().ceiling_from_environment(args.ceiling_fraction),
     };
     // The Query limit defaults to the ceiling, which may come from the environment: learn it
-    // from a first build with the ceiling alone.
-    let ceiling = base()?.build()?.ceiling();
+    // from a first build with the ceiling and a placeholder budget (a config needs one).
+    let ceiling = base()?
+        .engine(EngineId::Query, EngineBudget::new(1))
+        .build()?
+        .ceiling();
     let query = args.query_limit.unwrap_or(ceiling);
     let mut builder = base()?.engine(
         EngineId::Query,
