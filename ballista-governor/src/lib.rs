@@ -50,6 +50,15 @@
 //! bytes) to executor heartbeats, so that the scheduler could prefer executors with room and
 //! stop handing tasks to one at Critical. The scheduler process itself is not governed.
 //!
+//! # Limits
+//!
+//! * Without an `override_execution_engine` of the user's, the gate wraps Ballista's default
+//!   engine *without* its shuffle-client pool (the pool type is private in
+//!   ballista-executor 55.0), as Ballista runs with `client_ttl = 0`: each shuffle fetch
+//!   opens its own connection.
+//! * Shuffle files, Flight buffers and gRPC messages are outside DataFusion's pool and so
+//!   outside the governor's books; the RSS monitor of `governor-core` is what sees them.
+//!
 //! # Two traps when starting executors yourself
 //!
 //! * The standalone scheduler's gRPC server gives no peer address: an executor that registers
