@@ -6,7 +6,9 @@
 //! floor, and budgets of co-located engines. `--metrics-port` serves the governor's
 //! Prometheus text. On exit it prints one `governor:` line with the peaks, for scripts.
 //! `--ballista-pool-size` runs Ballista's own per-vcore `FairSpillPool` instead (the baseline
-//! of `BENCHMARKS.md`), with the governor only watching.
+//! of `BENCHMARKS.md`), with the governor only watching. `--config FILE` reads flags from a
+//! file, one `name = value` (or a bare `name`) a line, `#` comments; flags given on the
+//! command line win.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -24,8 +26,12 @@ use tokio::io::AsyncWriteExt;
 
 /// A Ballista executor on a memory governor.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, args_override_self = true)]
 struct Args {
+    /// Read flags from this file first: `name = value` lines (`ceiling = 2G`,
+    /// `engine = vector=1G/256M`), `#` comments; the command line wins.
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
     /// Scheduler host.
     #[arg(long, default_value = "localhost")]
     scheduler_host: String,
@@ -273,8 +279,67 @@ async fn run(args: Args) -> Result<(), String> {
     result.map_err(|e| e.to_string())
 }
 
+/// The flags of the `--config` file at `path`, as command-line arguments.
+fn config_file_args(path: &std::path::Path) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the config file {}: {e}", path.display()))?;
+    let mut args = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let (name, value) = match line.split_once('=') {
+            Some((name, value)) => (name.trim(), Some(value.trim())),
+            None => (line, None),
+        };
+        if name.is_empty()
+            || name == "config"
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(format!(
+                "{}:{}: not a flag name: {name:?}",
+                path.display(),
+                n + 1
+            ));
+        }
+        args.push(format!("--{}", name.replace('_', "-")));
+        args.extend(value.map(str::to_owned));
+    }
+    Ok(args)
+}
+
+/// The command line with the `--config` file's flags put first, so that the command line's own
+/// flags override them.
+fn arguments() -> Result<Vec<String>, String> {
+    let cli: Vec<String> = std::env::args().collect();
+    let mut config = None;
+    for (i, arg) in cli.iter().enumerate() {
+        if let Some(path) = arg.strip_prefix("--config=") {
+            config = Some(path.to_owned());
+        } else if arg == "--config" {
+            config = cli.get(i + 1).cloned();
+        }
+    }
+    let Some(path) = config else {
+        return Ok(cli);
+    };
+    let mut args = vec![cli.first().cloned().unwrap_or_default()];
+    args.extend(config_file_args(std::path::Path::new(&path))?);
+    args.extend(cli.into_iter().skip(1));
+    Ok(args)
+}
+
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = match arguments() {
+        Ok(args) => Args::parse_from(args),
+        Err(e) => {
+            eprintln!("governed-executor: {e}");
+            return ExitCode::from(2);
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -318,5 +383,31 @@ mod tests {
         assert_eq!((budget.limit(), budget.floor()), (1 << 30, 256 << 20));
         assert!(parse_engine("query=1G").is_err());
         assert!(parse_engine("nope=1G").is_err());
+    }
+
+    #[test]
+    fn a_config_file_gives_flags_that_the_command_line_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("executor.conf");
+        std::fs::write(
+            &path,
+            "# governor\nceiling = 2G\nquery_limit = 1G  # the rest for others\nengine = vector=512M/128M\n",
+        )
+        .unwrap();
+        let mut argv = vec!["governed-executor".to_owned()];
+        argv.extend(config_file_args(&path).unwrap());
+        argv.extend(["--query-limit".to_owned(), "512M".to_owned()]);
+        let args = Args::try_parse_from(argv).unwrap();
+        assert_eq!(args.ceiling, Some(2 << 30));
+        assert_eq!(args.query_limit, Some(512 << 20));
+        assert_eq!(args.engines.len(), 1);
+
+        std::fs::write(&path, "../etc = 1\n").unwrap();
+        assert!(
+            config_file_args(&path)
+                .unwrap_err()
+                .contains("not a flag name")
+        );
+        assert!(config_file_args(&dir.path().join("missing")).is_err());
     }
 }
