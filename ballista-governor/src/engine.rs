@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use ballista_core::JobId;
@@ -19,6 +20,7 @@ use datafusion::physical_plan::metrics::MetricsSet;
 use datafusion::prelude::SessionConfig;
 
 use crate::admission::AdmissionGate;
+use crate::client_pool::ShuffleClientPool;
 use crate::meter::TaskMeter;
 
 /// Wraps an execution engine so that its stages are admitted by pressure (when there is a
@@ -30,22 +32,25 @@ pub(crate) struct GatedEngine {
 }
 
 impl GatedEngine {
-    /// Gates `inner`: the user's `override_execution_engine`, or Ballista's default engine.
-    ///
-    /// Ballista's default engine with its shuffle-client pool cannot be rebuilt from outside
-    /// (the pool type is private in ballista-executor 55.0), so a governed executor without
-    /// an engine of its own runs the default engine without the pool, as Ballista does with
-    /// `client_ttl = 0`: every shuffle fetch opens its own connection.
+    /// Gates `inner`: the user's `override_execution_engine`, or Ballista's default engine
+    /// with a shuffle-client pool whose idle connections live `client_ttl` seconds (none for
+    /// 0), as `start_executor_process` builds it when no engine is given.
     pub(crate) fn new(
         inner: Option<Arc<dyn ExecutionEngine>>,
+        client_ttl: u64,
         gate: Option<Arc<AdmissionGate>>,
         meter: Arc<TaskMeter>,
     ) -> Self {
-        Self {
-            inner: inner.unwrap_or_else(|| Arc::new(DefaultExecutionEngine::new())),
-            gate,
-            meter,
-        }
+        let inner = inner.unwrap_or_else(|| {
+            if client_ttl == 0 {
+                Arc::new(DefaultExecutionEngine::new())
+            } else {
+                Arc::new(DefaultExecutionEngine::with_client_pool(Arc::new(
+                    ShuffleClientPool::new(Duration::from_secs(client_ttl)),
+                )))
+            }
+        });
+        Self { inner, gate, meter }
     }
 }
 

@@ -53,9 +53,8 @@
 //! # Limits
 //!
 //! * Without an `override_execution_engine` of the user's, the gate wraps Ballista's default
-//!   engine *without* its shuffle-client pool (the pool type is private in
-//!   ballista-executor 55.0), as Ballista runs with `client_ttl = 0`: each shuffle fetch
-//!   opens its own connection.
+//!   engine with a shuffle-client pool of this crate (Ballista's own pool type is private in
+//!   ballista-executor 55.0), keeping idle connections `client_ttl` seconds like Ballista's.
 //! * Shuffle files, Flight buffers and gRPC messages are outside DataFusion's pool and so
 //!   outside the governor's books; the RSS monitor of `governor-core` is what sees them.
 //!
@@ -89,6 +88,7 @@
 //! ```
 
 pub mod admission;
+mod client_pool;
 mod engine;
 pub mod meter;
 mod runtime;
@@ -174,6 +174,7 @@ pub fn governed_executor_with(
     let tasks = Arc::new(TaskMeter::default());
     config.override_execution_engine = Some(Arc::new(engine::GatedEngine::new(
         config.override_execution_engine.take(),
+        config.client_ttl,
         Some(Arc::clone(&gate)),
         Arc::clone(&tasks),
     )));
@@ -188,6 +189,7 @@ pub fn metered_executor(
     let tasks = Arc::new(TaskMeter::default());
     config.override_execution_engine = Some(Arc::new(engine::GatedEngine::new(
         config.override_execution_engine.take(),
+        config.client_ttl,
         None,
         Arc::clone(&tasks),
     )));
