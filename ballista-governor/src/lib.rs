@@ -88,6 +88,7 @@
 //! ```
 
 pub mod admission;
+pub mod cli;
 mod client_pool;
 mod engine;
 pub mod meter;

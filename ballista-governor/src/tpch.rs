@@ -29,26 +29,12 @@ pub const TABLES: [&str; 8] = [
     "lineitem", "orders", "customer", "part", "partsupp", "supplier", "nation", "region",
 ];
 
+#[path = "../../datafusion-pool/tpch/queries.rs"]
+mod query_file;
+
 /// The 22 queries as `(number, sql)`, in order, without trailing semicolons.
 pub fn queries() -> Vec<(usize, String)> {
-    let mut out: Vec<(usize, String)> = Vec::new();
-    for line in QUERIES.lines() {
-        if let Some(n) = line
-            .strip_prefix("-- Q")
-            .and_then(|n| n.trim().parse().ok())
-        {
-            out.push((n, String::new()));
-        } else if let Some((_, sql)) = out.last_mut()
-            && !line.starts_with("--")
-        {
-            sql.push_str(line);
-            sql.push('\n');
-        }
-    }
-    for (_, sql) in &mut out {
-        *sql = sql.trim().trim_end_matches(';').to_owned();
-    }
-    out
+    query_file::parse_queries(QUERIES)
 }
 
 /// Writes every table at scale factor `sf` under `dir` as `dir/<table>/part-<i>.parquet`,

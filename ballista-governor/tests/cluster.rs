@@ -41,6 +41,20 @@ async fn remote(scheduler: &common::Scheduler, data: &Path) -> SessionContext {
     ctx
 }
 
+/// Query `n` returns the same rows on the cluster as in one process.
+async fn assert_same_rows(local: &SessionContext, cluster: &SessionContext, n: usize, sql: &str) {
+    let expected = rows(local, sql)
+        .await
+        .unwrap_or_else(|e| panic!("Q{n} local: {e}"));
+    let got = rows(cluster, sql)
+        .await
+        .unwrap_or_else(|e| panic!("Q{n} cluster: {e}"));
+    assert_eq!(
+        got, expected,
+        "Q{n}: the cluster's rows differ from one process's"
+    );
+}
+
 async fn rows(ctx: &SessionContext, sql: &str) -> datafusion::error::Result<Vec<String>> {
     let batches = ctx.sql(sql).await?.collect().await?;
     tpch::canonical_rows(&batches, false)
@@ -164,16 +178,7 @@ async fn tpch_on_two_governed_executors_matches_one_process() {
     let local = tpch::local_context(data.path()).await.expect("local");
     let cluster = remote(&scheduler, data.path()).await;
     for (n, sql) in tpch::queries() {
-        let expected = rows(&local, &sql)
-            .await
-            .unwrap_or_else(|e| panic!("Q{n} local: {e}"));
-        let got = rows(&cluster, &sql)
-            .await
-            .unwrap_or_else(|e| panic!("Q{n} cluster: {e}"));
-        assert_eq!(
-            got, expected,
-            "Q{n}: the cluster's rows differ from one process's"
-        );
+        assert_same_rows(&local, &cluster, n, &sql).await;
     }
     for (name, executor) in [("a", &a), ("b", &b)] {
         let snapshot = executor.governor.snapshot();
@@ -301,16 +306,7 @@ async fn a_co_located_cache_and_the_executor_borrow_from_each_other() {
         .into_iter()
         .chain(tpch::queries().into_iter().take(5))
     {
-        let expected = rows(&local, &sql)
-            .await
-            .unwrap_or_else(|e| panic!("Q{n} local: {e}"));
-        let got = rows(&cluster, &sql)
-            .await
-            .unwrap_or_else(|e| panic!("Q{n} cluster: {e}"));
-        assert_eq!(
-            got, expected,
-            "Q{n}: the cluster's rows differ from one process's"
-        );
+        assert_same_rows(&local, &cluster, n, &sql).await;
     }
     done.store(true, Ordering::Release);
     let operations = worker.join().expect("the cache worker");

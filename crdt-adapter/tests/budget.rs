@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use common::{KINDS, edit, governor, peer_updates};
 use crdt_adapter::DocStore;
 use crdt_adapter::loro::{ExportMode, LoroDoc};
-use governor_core::{EngineId, mib};
+use governor_core::{EngineId, EngineSnapshot, MemoryGovernor, mib};
 
 const DOCS: usize = 60;
 const LOCAL_PEER: u64 = 1;
@@ -146,6 +146,15 @@ async fn tenth_of_the_documents_reads_back_everything() {
     check_all(&reopened, &written, 2);
 }
 
+/// The governor's figures for the Crdt engine.
+fn crdt_figures(gov: &MemoryGovernor) -> EngineSnapshot {
+    gov.snapshot()
+        .engines
+        .into_iter()
+        .find(|e| e.engine == EngineId::Crdt)
+        .expect("the Crdt engine is configured")
+}
+
 /// Edits and merged remote updates on a hot set of documents under a budget that holds a
 /// few of them: every change is reserved before it is applied, or its document is
 /// persisted and dropped, so nothing is ever booked past the Crdt limit (no forced
@@ -220,12 +229,7 @@ async fn edits_and_merges_are_never_booked_past_the_limit() {
         stats.cache.evictions > 0,
         "the budget must evict: {stats:?}"
     );
-    let crdt = gov
-        .snapshot()
-        .engines
-        .into_iter()
-        .find(|e| e.engine == EngineId::Crdt)
-        .unwrap();
+    let crdt = crdt_figures(&gov);
     println!(
         "{stats:?}\nCrdt peak {} of {limit} B, forced {} B",
         crdt.peak, crdt.forced_bytes
@@ -286,12 +290,7 @@ async fn an_edit_that_outgrows_the_budget_is_persisted_not_overbooked() {
         !store.is_resident("big"),
         "no room for it: it must have been dropped"
     );
-    let crdt = gov
-        .snapshot()
-        .engines
-        .into_iter()
-        .find(|e| e.engine == EngineId::Crdt)
-        .unwrap();
+    let crdt = crdt_figures(&gov);
     assert_eq!(crdt.forced_bytes, 0, "booked past the limit: {crdt:?}");
     assert!(crdt.peak <= limit, "{crdt:?}");
 

@@ -114,22 +114,9 @@ async fn run(args: Args) -> Result<bool, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("tpch-cluster: cannot start a runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(3),
-        Err(e) => {
-            eprintln!("tpch-cluster: {e}");
-            ExitCode::FAILURE
-        }
+    match ballista_governor::cli::block_on_main("tpch-cluster", run(args)) {
+        Some(true) => ExitCode::SUCCESS,
+        Some(false) => ExitCode::from(3),
+        None => ExitCode::FAILURE,
     }
 }

@@ -17,26 +17,12 @@ use tpchgen_arrow::{
 
 const QUERIES: &str = include_str!("../../tpch/queries.sql");
 
+#[path = "../../tpch/queries.rs"]
+mod query_file;
+
 /// The 22 queries as `(number, sql)`, in order.
 pub fn queries() -> Vec<(usize, String)> {
-    let mut out: Vec<(usize, String)> = Vec::new();
-    for line in QUERIES.lines() {
-        if let Some(n) = line
-            .strip_prefix("-- Q")
-            .and_then(|n| n.trim().parse().ok())
-        {
-            out.push((n, String::new()));
-        } else if let Some((_, sql)) = out.last_mut()
-            && !line.starts_with("--")
-        {
-            sql.push_str(line);
-            sql.push('\n');
-        }
-    }
-    for (_, sql) in &mut out {
-        let trimmed = sql.trim().trim_end_matches(';').to_owned();
-        *sql = trimmed;
-    }
+    let out = query_file::parse_queries(QUERIES);
     assert_eq!(out.len(), 22, "tpch/queries.sql must hold Q1..Q22");
     out
 }
