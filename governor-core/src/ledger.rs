@@ -220,6 +220,15 @@ impl EngineLedger {
         self.peak.load(Ordering::Acquire)
     }
 
+    /// Records a grant that left `granted_after` counted against the limit; the drift
+    /// charged as untracked is not part of the peak (see [`Self::peak`]).
+    fn note_peak(&self, granted_after: usize) {
+        self.peak.fetch_max(
+            granted_after.saturating_sub(self.untracked()),
+            Ordering::AcqRel,
+        );
+    }
+
     /// Bytes held by live tokens. Exact when no operation is in flight; a concurrent reader may
     /// see a value off by the bytes of the operations in flight.
     pub(crate) fn reserved(&self) -> usize {
@@ -391,10 +400,7 @@ impl Ledger {
             }) {
             Ok(global_before) => {
                 let granted_after = (e.limit() as isize - room_before + signed).max(0) as usize;
-                e.peak.fetch_max(
-                    granted_after.saturating_sub(e.untracked()),
-                    Ordering::AcqRel,
-                );
+                e.note_peak(granted_after);
                 self.global_peak
                     .fetch_max(global_before + bytes, Ordering::AcqRel);
                 Ok(())
@@ -539,10 +545,7 @@ impl Ledger {
         let room_before = e.room.fetch_sub(bytes as isize, Ordering::AcqRel);
         let global_before = self.global.fetch_add(bytes, Ordering::AcqRel);
         let granted_after = (e.limit() as isize - room_before + bytes as isize).max(0) as usize;
-        e.peak.fetch_max(
-            granted_after.saturating_sub(e.untracked()),
-            Ordering::AcqRel,
-        );
+        e.note_peak(granted_after);
         self.global_peak
             .fetch_max(global_before + bytes, Ordering::AcqRel);
         if granted_after > e.limit() || global_before + bytes > self.ceiling() {
