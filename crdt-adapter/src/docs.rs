@@ -240,45 +240,41 @@ impl BatchSink<RemoteUpdate> for Sink {
         )
         .map_err(|e| PersistError::new("logging remote updates", e))?;
         for (i, (u, log_seq)) in batch.items().iter().zip(seqs).enumerate() {
-            let Some(e) = shared.cache.peek(&u.id) else {
-                continue;
-            };
             let buffer_seq = batch.first_seq() + i as u64;
-            let mut st = e.state.lock();
-            if buffer_seq > st.buffer_seen {
-                // Reserve what the import can add first; if there is no room, evict the
-                // document instead (its log now holds the update for the next load).
-                let want = e
-                    .decoded_charge(&st)
-                    .saturating_add(model::import_growth(&u.bytes));
-                if shared.cache.resize(&u.id, want, false).is_err() {
-                    drop(st);
-                    drop(e);
-                    if shared.cache.evict(&u.id).is_ok() {
+            // Reserve what the import can add first; if there is no room, evict the document
+            // instead (its log now holds the update for the next load). A document that
+            // cannot be evicted (pinned or in use) must still see the update: a second pass
+            // applies it without a reservation and `settle_charge` books it.
+            let mut reserve = true;
+            loop {
+                let Some(e) = shared.cache.peek(&u.id) else {
+                    break;
+                };
+                let mut st = e.state.lock();
+                if buffer_seq <= st.buffer_seen {
+                    st.applied_through = st.applied_through.max(log_seq);
+                    break;
+                }
+                if reserve {
+                    let want = e
+                        .decoded_charge(&st)
+                        .saturating_add(model::import_growth(&u.bytes));
+                    if shared.cache.resize(&u.id, want, false).is_err() {
+                        drop(st);
+                        drop(e);
+                        if shared.cache.evict(&u.id).is_ok() {
+                            break;
+                        }
+                        reserve = false;
                         continue;
                     }
-                    // Pinned or in use: it must see the update; `settle_charge` books it.
-                    let Some(again) = shared.cache.peek(&u.id) else {
-                        continue;
-                    };
-                    let mut st = again.state.lock();
-                    if buffer_seq <= st.buffer_seen {
-                        st.applied_through = st.applied_through.max(log_seq);
-                        continue;
-                    }
-                    let after = Self::apply(&again, &mut st, u, buffer_seq, log_seq);
-                    drop(st);
-                    drop(again);
-                    shared.settle_charge(&u.id, after);
-                    continue;
                 }
                 let after = Self::apply(&e, &mut st, u, buffer_seq, log_seq);
                 drop(st);
                 drop(e);
                 // Within what was reserved unless an import resolved earlier pending updates.
                 shared.settle_charge(&u.id, after);
-            } else {
-                st.applied_through = st.applied_through.max(log_seq);
+                break;
             }
         }
         Ok(())
