@@ -51,6 +51,9 @@ pub(crate) struct Consumer {
     /// The bytes of its first reservation, for a sort's merge reservation: what it will ask
     /// for again after each spill. 0 until it first reserves.
     pub(crate) first_reservation: AtomicUsize,
+    /// Bytes granted under (S) of [`crate::policy`] since this consumer was last within its
+    /// share: growth of a reservation the share fell under, bounded by the share grace.
+    pub(crate) grace_used: AtomicUsize,
     /// Set when the consumer unregisters, so a thread's cached entry is not used after.
     removed: AtomicBool,
 }
@@ -69,6 +72,7 @@ impl Consumer {
             can_spill,
             is_sort_merge,
             first_reservation: AtomicUsize::new(0),
+            grace_used: AtomicUsize::new(0),
             token: Mutex::new(token),
             reserved: AtomicUsize::new(0),
             overcommit: AtomicUsize::new(0),

@@ -149,8 +149,8 @@ mod wait;
 pub use consumers::ConsumerMetrics;
 pub use ext::{GovernorExt, is_governed, set_query_memory_limit};
 pub use options::{
-    DEFAULT_RECLAIM_WAIT, DEFAULT_TOP_CONSUMERS, DEFAULT_UNSPILLABLE_HEADROOM, GovernedPoolBuilder,
-    PoolOptions,
+    DEFAULT_RECLAIM_WAIT, DEFAULT_SHARE_GRACE, DEFAULT_TOP_CONSUMERS, DEFAULT_UNSPILLABLE_HEADROOM,
+    GovernedPoolBuilder, PoolOptions,
 };
 pub use pool::{GovernedMemoryPool, PoolStats};
 pub use query::{GovernedQuery, GovernedQueryBuilder};

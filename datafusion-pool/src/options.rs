@@ -20,12 +20,20 @@ pub const DEFAULT_UNSPILLABLE_HEADROOM: f64 = 0.0;
 /// release in the pool, the end of a reclaim), so the bound only limits the damage of a stuck
 /// plan and is generous enough for a loaded machine.
 pub const DEFAULT_RECLAIM_WAIT: Duration = Duration::from_secs(5);
+/// Default share grace ((S) of the crate's `policy` module): a spilling reservation the
+/// share fell under may still grow by 1/32 of what it holds, so an operator in a phase where it
+/// cannot spill (a final aggregate emitting its output) is not failed for a last small
+/// adjustment that the budget has room for.
+pub const DEFAULT_SHARE_GRACE: f64 = 1.0 / 32.0;
 /// Default number of consumers named in a `ResourcesExhausted` message.
 pub const DEFAULT_TOP_CONSUMERS: usize = 5;
 
 /// Largest allowed headroom fraction: above it spillable operators get so little memory that
 /// every batch spills, which is never what a caller meant.
 const MAX_UNSPILLABLE_HEADROOM: f64 = 0.9;
+/// Largest allowed share grace: more would let a reservation the share fell under keep growing
+/// long after it should have spilled.
+const MAX_SHARE_GRACE: f64 = 0.25;
 /// Largest allowed reclaim wait: `try_grow` is synchronous and runs on a query worker thread,
 /// so a longer block would stall the whole runtime rather than protect a query.
 const MAX_RECLAIM_WAIT: Duration = Duration::from_secs(30);
@@ -35,6 +43,7 @@ const MAX_RECLAIM_WAIT: Duration = Duration::from_secs(30);
 pub struct PoolOptions {
     pub(crate) unspillable_headroom: f64,
     pub(crate) reclaim_wait: Duration,
+    pub(crate) share_grace: f64,
     pub(crate) top_consumers: usize,
 }
 
@@ -43,6 +52,7 @@ impl Default for PoolOptions {
         Self {
             unspillable_headroom: DEFAULT_UNSPILLABLE_HEADROOM,
             reclaim_wait: DEFAULT_RECLAIM_WAIT,
+            share_grace: DEFAULT_SHARE_GRACE,
             top_consumers: DEFAULT_TOP_CONSUMERS,
         }
     }
@@ -57,6 +67,12 @@ impl PoolOptions {
     /// Longest time a denied unspillable consumer waits for reclaimed memory.
     pub fn reclaim_wait(&self) -> Duration {
         self.reclaim_wait
+    }
+
+    /// Fraction of what it holds by which a spilling reservation the share fell under may
+    /// still grow ((S) of the crate's `policy` module).
+    pub fn share_grace(&self) -> f64 {
+        self.share_grace
     }
 
     /// How many consumers an out-of-memory message names.
@@ -127,6 +143,23 @@ impl GovernedPoolBuilder {
         self
     }
 
+    /// Fraction (0.0 ..= 0.25) of what it holds by which a spilling reservation may still grow
+    /// after the fair share fell under it (the budget shrank: other engines took their floors
+    /// back, its own arena drifted, a new consumer registered), in all until it is within its
+    /// share again, and only while no consumer of the pool is starving and the governor grants
+    /// it. Default 1/32.
+    ///
+    /// Why: a refusal is a spiller's cue to spill, but some spillers reach phases where they
+    /// cannot (DataFusion 55's final hash aggregate resizes its reservation once more after it
+    /// has materialised its output, and a refusal then fails the query). `FairSpillPool` fails
+    /// such a query; the grace lets it finish when the budget has the bytes. 0 restores strict
+    /// `FairSpillPool` shares.
+    #[must_use]
+    pub fn share_grace(mut self, fraction: f64) -> Self {
+        self.options.share_grace = fraction;
+        self
+    }
+
     /// Number of consumers (at least 1) that a `ResourcesExhausted` message names. Default 5.
     #[must_use]
     pub fn top_consumers(mut self, n: usize) -> Self {
@@ -138,7 +171,8 @@ impl GovernedPoolBuilder {
     ///
     /// # Errors
     /// [`MemError::InvalidConfig`] naming the knob, when the headroom is not a number in
-    /// `0.0..=0.9`, the reclaim wait exceeds 30 s, or `top_consumers` is 0.
+    /// `0.0..=0.9`, the share grace is not one in `0.0..=0.25`, the reclaim wait exceeds 30 s,
+    /// or `top_consumers` is 0.
     pub fn build(self) -> Result<GovernedMemoryPool, MemError> {
         let o = &self.options;
         if !(0.0..=MAX_UNSPILLABLE_HEADROOM).contains(&o.unspillable_headroom) {
@@ -148,6 +182,16 @@ impl GovernedPoolBuilder {
                     "must be a fraction in 0.0..={MAX_UNSPILLABLE_HEADROOM}, got {}; \
                      use e.g. 0.2 to keep a fifth of the Query budget for unspillable consumers",
                     o.unspillable_headroom
+                ),
+            ));
+        }
+        if !(0.0..=MAX_SHARE_GRACE).contains(&o.share_grace) {
+            return Err(invalid(
+                "share_grace",
+                format!(
+                    "must be a fraction in 0.0..={MAX_SHARE_GRACE}, got {}; \
+                     0 keeps strict fair shares, the default is 1/32",
+                    o.share_grace
                 ),
             ));
         }

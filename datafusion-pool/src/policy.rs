@@ -30,6 +30,11 @@
 //!   registered sorts that have not started (`sort_spill_reservation_bytes` each, learned
 //!   from the first merge that reserved) and `K`.
 //!
+//! * (S) a spiller's request beyond its share when the share had already fallen under it
+//!   (`|r| > share` before the request), if nobody starves, the governor grants it at once and
+//!   the consumer's growth under (S) since it was last within its share stays within the
+//!   *share grace* `g · |r|` (`g` = 1/32 by default, 0 turns (S) off).
+//!
 //! (M) is stricter than (F2) for one kind of request that adapts when refused; it keeps a
 //! greedy merge from taking the reservation a later sort needs for its first batch, which
 //! fails that sort outright (DataFusion's join matrix, row 2, did exactly that under every
@@ -43,9 +48,21 @@
 //! by refusing this consumer on its next request. Within one query the grant is therefore
 //! never worse than FSP's refusal: the query FSP fails now could at worst fail later.
 //!
+//! (S) is the other. A refusal is a spiller's cue to spill, but a spiller that has entered a
+//! phase where it cannot spill fails its query instead: DataFusion 55's final hash aggregate
+//! materialises its whole output, then resizes its reservation from the table's estimate to
+//! the batch's size (a few hundred KiB more on tens of MiB) with no spill fallback. Its share
+//! had fallen under it because the budget shrank (the Query arena's own allocator drift is
+//! charged to the engine, other engines took their floors back). FSP fails that query at a
+//! fixed budget too. The grace is bounded — per consumer `g · |r|` until it is within its share
+//! again, so the pool's spillers hold at most a fraction `g` more than they held when their
+//! shares fell under them — never taken while a consumer is waiting, and never given through the slow path, so a spiller in grace
+//! never makes anyone else spill or wait. A spiller still reading input that uses its grace is
+//! refused a few batches later and spills then.
+//!
 //! # The argument
 //!
-//! 1. **No grant FSP would refuse, but (E).** `K, H ≥ 0` makes (G1) at least as strict as
+//! 1. **No grant FSP would refuse, but (E) and (S).** `K, H ≥ 0` makes (G1) at least as strict as
 //!    (F1), and (G2) is (F2). So no spiller that can spill ever holds more than
 //!    `FairSpillPool` would let it hold in the same state; in particular the pool never lends
 //!    an idle spiller's share to an active one that could have spilled instead. (The previous policy did, counting only *active* spillers and letting a spiller

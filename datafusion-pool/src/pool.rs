@@ -86,6 +86,7 @@ pub struct GovernedMemoryPool {
     reclaim_requests: AtomicU64,
     reclaimed: AtomicUsize,
     waits: AtomicU64,
+    grace_grants: AtomicU64,
     /// Unregisters the metrics source from the governor when the pool is dropped.
     _stats: StatsSourceHandle,
 }
@@ -120,6 +121,9 @@ pub struct PoolStats {
     pub kept: usize,
     /// Entitled requests that waited for this pool's consumers to spill.
     pub waits: u64,
+    /// Growths granted under the share grace ((S) of [`crate::policy`]) to reservations the
+    /// fair share had fallen under.
+    pub grace_grants: u64,
 }
 
 /// Why a `try_grow` was refused; rendered into the `ResourcesExhausted` message.
@@ -174,6 +178,7 @@ impl GovernedMemoryPool {
             reclaim_requests: AtomicU64::new(0),
             reclaimed: AtomicUsize::new(0),
             waits: AtomicU64::new(0),
+            grace_grants: AtomicU64::new(0),
             _stats: stats,
         }
     }
@@ -203,6 +208,7 @@ impl GovernedMemoryPool {
             reclaimed: self.reclaimed.load(Ordering::Relaxed),
             kept: self.kept_merges.load(Ordering::Relaxed),
             waits: self.waits.load(Ordering::Relaxed),
+            grace_grants: self.grace_grants.load(Ordering::Relaxed),
         }
     }
 
@@ -527,8 +533,12 @@ impl GovernedMemoryPool {
             // consumer starves: if the governor has nothing, it waits in the slow path like
             // the starving one rather than fail outright.
             if over(&s) && reservation_size > 0 {
-                return Err(Denial::FairShare(s));
+                return self.grow_in_grace(c, token, reservation_size, additional, s);
             }
+        }
+        if c.grace_used.load(Ordering::Relaxed) != 0 {
+            // Within its share again: a later fall of the share starts a new grace.
+            c.grace_used.store(0, Ordering::Relaxed);
         }
         match token.try_grow(additional) {
             Ok(()) => Ok(()),
@@ -536,6 +546,36 @@ impl GovernedMemoryPool {
                 .grow_slow(c, token, reservation_size, additional, first)
                 .map_err(Denial::Governor),
         }
+    }
+
+    /// (S) of [`crate::policy`]: a reservation the share fell under (it held more than its
+    /// share before this request) may still grow by the share grace — in all, until it is
+    /// within its share again — while no consumer starves and the governor grants it at once.
+    /// Anything else is the fair-share refusal, the consumer's cue to spill.
+    fn grow_in_grace(
+        &self,
+        c: &Consumer,
+        token: &mut ReservationToken,
+        reservation_size: usize,
+        additional: usize,
+        share: Share,
+    ) -> Result<(), Denial> {
+        let refused = Err(Denial::FairShare(share));
+        if reservation_size <= share.per_reservation || self.starving.load(Ordering::Relaxed) > 0 {
+            return refused;
+        }
+        let grace = (reservation_size as f64 * self.options.share_grace) as usize;
+        let used = c.grace_used.load(Ordering::Relaxed);
+        if used.saturating_add(additional) > grace {
+            return refused;
+        }
+        // No slow path: a consumer above its share never makes others wait or spill.
+        if token.try_grow(additional).is_err() {
+            return refused;
+        }
+        c.grace_used.fetch_add(additional, Ordering::Relaxed);
+        self.grace_grants.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     fn deny(&self, c: &Consumer, additional: usize, why: &Denial) -> DataFusionError {

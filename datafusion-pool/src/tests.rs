@@ -123,6 +123,64 @@ fn a_spiller_left_above_a_shrunken_share_spills_for_an_entitled_one() {
 }
 
 #[test]
+fn a_spiller_the_share_fell_under_may_finish_a_small_adjustment() {
+    // A final aggregate holds its table within its share; then the budget falls (its engine's
+    // limit is lowered here, as the arena's drift or other engines' floors lower it in
+    // production) and the share falls under it. Emitting its output it asks for a last small
+    // resize and cannot spill: the grace grants it, once, within the governor's budget.
+    let g = query_only(kib(512));
+    let (p, d) = pool(&g, 0.0, Duration::ZERO);
+    let table = spiller(&d, "FinalHashAggregateStream[1]");
+    let other = spiller(&d, "FinalHashAggregateStream[0]");
+    table.try_grow(kib(256)).unwrap();
+    other.try_grow(kib(64)).unwrap();
+    g.set_limit(EngineId::Query, kib(400)).unwrap();
+    // Share 200 KiB, held 256: 3 KiB is within 1/32 of 256 KiB (8 KiB).
+    table.try_grow(kib(3)).unwrap();
+    assert_eq!(p.stats().grace_grants, 1);
+    // The grace is spent in all, not per request: 3 + 6 > 8 KiB is the cue to spill.
+    let m = exhausted(table.try_grow(kib(6)));
+    assert!(m.contains("fair share is 200.0 KiB"), "{m}");
+    // A request that crosses its share from within is never in grace (FairSpillPool's rule).
+    let m = exhausted(other.try_grow(kib(137)));
+    assert!(m.contains("fair share is 200.0 KiB"), "{m}");
+    // Within its share again (it spilled), a later fall of the share starts a new grace.
+    table.shrink(kib(259) - kib(150));
+    table.try_grow(kib(10)).unwrap();
+    g.set_limit(EngineId::Query, kib(300)).unwrap();
+    // (A refusal reads the budget afresh; a grant may use a figure a few calls old.)
+    exhausted(other.try_grow(kib(100)));
+    table.try_grow(kib(4)).unwrap();
+    assert_eq!(p.stats().grace_grants, 2);
+    // The governor's hard limit is never passed in grace.
+    assert!(g.reserved(EngineId::Query) <= kib(300));
+}
+
+#[test]
+fn no_grace_when_turned_off_and_a_bad_grace_is_refused() {
+    let g = query_only(kib(100));
+    let strict = GovernedMemoryPool::builder(&g)
+        .share_grace(0.0)
+        .reclaim_wait(Duration::ZERO)
+        .build()
+        .unwrap();
+    let d: Arc<dyn MemoryPool> = Arc::new(strict);
+    let a = spiller(&d, "a");
+    let b = spiller(&d, "b");
+    a.try_grow(kib(50)).unwrap();
+    b.try_grow(kib(10)).unwrap();
+    g.set_limit(EngineId::Query, kib(80)).unwrap();
+    let m = exhausted(a.try_grow(1));
+    assert!(m.contains("fair share is 40.0 KiB"), "{m}");
+    assert!(
+        GovernedMemoryPool::builder(&g)
+            .share_grace(0.5)
+            .build()
+            .is_err()
+    );
+}
+
+#[test]
 fn the_share_is_judged_per_reservation_like_fair_spill_pool() {
     let g = query_only(kib(100));
     let (_p, d) = pool(&g, 0.0, Duration::ZERO);
