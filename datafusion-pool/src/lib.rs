@@ -40,7 +40,10 @@
 //!   reservation gets at most `FairSpillPool`'s share (`(budget − unspillable) / registered
 //!   spillers`, judged per reservation), less what sorts' merge reservations are owed, so
 //!   the pool never lends one spiller's share to another; unspillable consumers get what
-//!   `FairSpillPool` gives them.
+//!   `FairSpillPool` gives them. The two exceptions are bounded: a reservation holding
+//!   nothing may take what the governor has, and one the share fell under (the budget
+//!   shrank) may still grow by 1/32 of what it holds while nobody starves — the last resize
+//!   of a final aggregate emitting its output, which cannot spill, no longer fails its query.
 //! * **The budget is dynamic.** Every decision reads the governor: `budget = reserved(Query) +
 //!   available(Query)`, the most the Query engine could hold at this instant. When other
 //!   engines are idle it is the Query *limit*; when they hold their floors it shrinks. The
