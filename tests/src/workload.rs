@@ -815,7 +815,11 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
     }
     match sql.await.map_err(|e| e.to_string())? {
         Ok(done) => report.queries_done = done,
-        Err(e) => failures.lock().push(format!("sql: {e}")),
+        Err(e) => {
+            // The queries that finished before the failing one still count.
+            report.queries_done = counters.queries.load(Ordering::Acquire);
+            failures.lock().push(format!("sql: {e}"));
+        }
     }
     match sparse.await.map_err(|e| e.to_string())? {
         Ok(outcome) => report.sparse = outcome,
