@@ -141,6 +141,7 @@ pub mod rebalance;
 pub mod reclaim;
 pub mod reconcile;
 mod reservation;
+pub mod retention;
 pub mod rss_monitor;
 pub mod spill;
 pub mod story;

@@ -71,11 +71,15 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
+use crate::alloc::decay::{
+    configured_dirty_decay, default_dirty_decay, set_dirty_decay_everywhere,
+};
 use crate::alloc::{
-    Figure, JemallocStats, MemorySource, jemalloc_is_global_allocator, process_resident_bytes,
-    purge_all_arenas,
+    Figure, JemallocStats, MemorySource, arenas_see_allocations, jemalloc_is_global_allocator,
+    process_resident_bytes, purge_all_arenas,
 };
 use crate::reconcile::{DEFAULT_DRIFT_ALARM, EngineDriftLaw, Reconciled, Reconciler};
+use crate::retention::{AllocatorRetention, RetentionSteer};
 use crate::{MemError, MemoryGovernor, PressureLevel, ReclaimScope, human_bytes, mib};
 
 /// The monitor's default sampling interval.
@@ -261,6 +265,7 @@ pub struct RssMonitorConfig {
     reconcile_engines: bool,
     engine_law: Option<EngineDriftLaw>,
     drift_alarm: f64,
+    retention: AllocatorRetention,
 }
 
 impl Default for RssMonitorConfig {
@@ -277,6 +282,7 @@ impl Default for RssMonitorConfig {
             reconcile_engines: true,
             engine_law: None,
             drift_alarm: DEFAULT_DRIFT_ALARM,
+            retention: AllocatorRetention::default(),
         }
     }
 }
@@ -360,6 +366,16 @@ impl RssMonitorConfig {
         self
     }
 
+    /// How the monitor steers jemalloc's retention of freed pages (default
+    /// [`AllocatorRetention::FollowPressure`]: returned at once from the Warning level on; see
+    /// the [`retention`](crate::retention) module). Without jemalloc as the global allocator
+    /// there is nothing to steer and this does nothing.
+    #[must_use]
+    pub fn with_allocator_retention(mut self, retention: AllocatorRetention) -> Self {
+        self.retention = retention;
+        self
+    }
+
     /// The sampling interval.
     pub fn interval(&self) -> Duration {
         self.interval
@@ -391,6 +407,11 @@ pub struct RssMonitorStats {
     pub drift_alarms: u64,
     /// Σ bytes charged to engines as their own untracked memory at the last tick.
     pub engine_charged: usize,
+    /// Times the monitor changed jemalloc's decay of freed pages (see
+    /// [`RssMonitorConfig::with_allocator_retention`]).
+    pub retention_switches: u64,
+    /// Whether freed pages are returned at once now because the ceiling is near.
+    pub retention_tight: bool,
     /// Samples that failed (the previous figure stays in force).
     pub errors: u64,
     /// The last failure, for a person on call.
@@ -400,6 +421,7 @@ pub struct RssMonitorStats {
 struct MonitorState {
     filter: UntrackedFilter,
     reconciler: Reconciler,
+    retention: RetentionSteer,
     cooldown: u32,
 }
 
@@ -469,6 +491,14 @@ impl RssMonitorHandle {
             // nothing more a drop can do with it.
             let _ = thread.join();
         }
+        // Leave the allocator as the monitor found it: a stopped monitor cannot relax a tight
+        // decay later, and the process would pay page faults for nothing.
+        let state = self.shared.state.lock();
+        if let Some(decay) = state.retention.restore()
+            && let Err(err) = set_dirty_decay_everywhere(decay)
+        {
+            tracing::warn!(error = %err, "RSS monitor could not restore the allocator's decay");
+        }
     }
 }
 
@@ -534,6 +564,7 @@ impl MemoryGovernor {
         if let Some(engine_law) = &config.engine_law {
             engine_law.validate()?;
         }
+        config.retention.validate()?;
         if !(config.drift_alarm.is_finite() && config.drift_alarm > 0.0) {
             return Err(MemError::InvalidConfig {
                 field: "rss_monitor.drift_alarm".into(),
@@ -551,10 +582,18 @@ impl MemoryGovernor {
             config.engine_law,
             config.drift_alarm,
         );
+        // Without jemalloc as the global allocator its decay steers none of the process's
+        // memory: nothing to do, whatever the policy.
+        let retention = if arenas_see_allocations() {
+            RetentionSteer::new(config.retention, configured_dirty_decay()?)
+        } else {
+            RetentionSteer::new(AllocatorRetention::Untouched, None)
+        };
         let shared = Arc::new(Shared {
             state: Mutex::new(MonitorState {
                 filter: UntrackedFilter::new(law, self.ceiling()),
                 reconciler,
+                retention,
                 cooldown: 0,
             }),
             stats: Mutex::new(RssMonitorStats::default()),
@@ -690,6 +729,8 @@ fn tick(governor: &Arc<MemoryGovernor>, shared: &Shared) -> Result<usize, MemErr
     };
     record(&shared.stats, resident, reserved, published);
     governor.set_untracked(published);
+    let published =
+        steer_retention(governor, &mut state, shared, resident.bytes).unwrap_or(published);
 
     if state.cooldown > 0 {
         state.cooldown -= 1;
@@ -768,6 +809,58 @@ fn tick(governor: &Arc<MemoryGovernor>, shared: &Shared) -> Result<usize, MemErr
         }
     }
     Ok(published)
+}
+
+/// One tick of the retention policy (see the [`retention`](crate::retention) module). When it
+/// tightened the decay, jemalloc returned the dirty pages at once: the drop is measured and
+/// credited like a purge's, and the new published figure is returned.
+fn steer_retention(
+    governor: &Arc<MemoryGovernor>,
+    state: &mut MonitorState,
+    shared: &Shared,
+    resident_before: usize,
+) -> Option<usize> {
+    // The allocator is one per process: another monitor (or the application) may have set
+    // the decay since; then decide afresh instead of trusting what this steer applied.
+    if let Some(applied) = state.retention.current()
+        && default_dirty_decay().is_ok_and(|now| now != applied)
+    {
+        state.retention.forget();
+    }
+    let decay = state.retention.on_tick(governor.global_pressure())?;
+    if let Err(err) = set_dirty_decay_everywhere(decay) {
+        let mut stats = shared.stats.lock();
+        if stats.errors == 0 {
+            tracing::warn!(error = %err, "RSS monitor cannot set the allocator's decay");
+        }
+        stats.errors += 1;
+        stats.last_error = Some(err.to_string());
+        return None;
+    }
+    state.retention.applied(decay);
+    let tight = state.retention.is_tight();
+    {
+        let mut stats = shared.stats.lock();
+        stats.retention_switches += 1;
+        stats.retention_tight = tight;
+    }
+    tracing::info!(
+        ?decay,
+        tight,
+        pressure = ?governor.global_pressure(),
+        "RSS monitor: allocator decay of freed pages changed"
+    );
+    if !tight {
+        return None;
+    }
+    remeasure(
+        governor,
+        &mut state.filter,
+        &shared.stats,
+        shared.config.source,
+        resident_before,
+    )
+    .map(|(published, _)| published)
 }
 
 /// Reconciles every engine arena; a failure is counted and the charges stay as they were.
@@ -1062,5 +1155,40 @@ mod tests {
             ControlLaw::for_ceiling(mib(2)).validate(mib(2)).is_ok(),
             "small ceilings get a valid law"
         );
+    }
+
+    /// This unit-test binary runs on the system allocator: jemalloc's decay steers nothing of
+    /// it, so even an always-immediate policy at Emergency leaves the allocator alone.
+    #[test]
+    fn without_jemalloc_as_the_allocator_retention_is_inert() {
+        use crate::{EngineBudget, EngineId, GovernorConfig};
+        // jemalloc also replaces `malloc` in this workspace's test binaries (see
+        // `PRETEND_NOT_GLOBAL`): the monitor is started and ticked on this thread, which is
+        // told it is not.
+        crate::alloc::PRETEND_NOT_GLOBAL.set(true);
+        let before = default_dirty_decay().unwrap();
+        let governor = MemoryGovernor::new(
+            GovernorConfig::builder()
+                .global_ceiling(64 * MB)
+                .engine(EngineId::Query, EngineBudget::new(64 * MB))
+                .build()
+                .unwrap(),
+        )
+        .unwrap();
+        let monitor = governor
+            .start_rss_monitor(
+                RssMonitorConfig::default()
+                    .with_interval(Duration::from_secs(3600))
+                    .with_reclaim_on_emergency(false, Duration::ZERO)
+                    .with_allocator_retention(AllocatorRetention::Fixed(Duration::ZERO)),
+            )
+            .unwrap();
+        let _token = governor.try_reserve(EngineId::Query, 63 * MB).unwrap();
+        monitor.sample_now().unwrap();
+        assert_eq!(governor.global_pressure(), PressureLevel::Emergency);
+        assert_eq!(monitor.stats().retention_switches, 0);
+        assert_eq!(default_dirty_decay().unwrap(), before);
+        drop(monitor);
+        crate::alloc::PRETEND_NOT_GLOBAL.set(false);
     }
 }

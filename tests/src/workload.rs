@@ -14,6 +14,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion_pool::GovernorExt;
 use futures::StreamExt;
 use governor_core::alloc::ProcessMemory;
+use governor_core::retention::AllocatorRetention;
 use governor_core::rss_monitor::RssMonitorConfig;
 use governor_core::{
     EngineBudget, EngineId, GovernorConfig, MemoryGovernor, ReservationToken, human_bytes, mib,
@@ -70,6 +71,9 @@ pub struct WorkloadConfig {
     pub shed_below_floors: bool,
     /// The RSS monitor's sampling interval.
     pub monitor_interval: Duration,
+    /// How the RSS monitor steers jemalloc's retention of freed pages (its default follows
+    /// pressure; the others only to measure what that buys).
+    pub retention: AllocatorRetention,
     /// `Some(fraction)`: the ceiling is this share of the memory the environment allows (the
     /// cgroup's limit, else physical memory), and follows it while the run lasts (the container
     /// watch); `ceiling` is then ignored.
@@ -204,6 +208,7 @@ impl WorkloadConfig {
             partitions: 2,
             shed_below_floors: true,
             monitor_interval: governor_core::rss_monitor::DEFAULT_RSS_MONITOR_INTERVAL,
+            retention: AllocatorRetention::default(),
             ceiling_from_environment: None,
             drops: None,
             progress: false,
@@ -273,6 +278,7 @@ impl WorkloadConfig {
             partitions: 2,
             shed_below_floors: true,
             monitor_interval: governor_core::rss_monitor::DEFAULT_RSS_MONITOR_INTERVAL,
+            retention: AllocatorRetention::default(),
             ceiling_from_environment: None,
             drops: None,
             progress: false,
@@ -399,12 +405,13 @@ impl WorkloadReport {
         let m = &self.monitor;
         let _ = writeln!(
             s,
-            "RSS monitor: {} emergencies, {} reclaims from borrowers, {} below floors, {} freed, {} purges",
+            "RSS monitor: {} emergencies, {} reclaims from borrowers, {} below floors, {} freed, {} purges, {} allocator decay switches",
             m.emergencies,
             m.reclaims,
             m.floor_reclaims,
             human_bytes(m.reclaimed_bytes),
-            m.purges
+            m.purges,
+            m.retention_switches
         );
         for (engine, limit, peak) in &self.engine_peaks {
             let _ = write!(
@@ -644,7 +651,8 @@ pub async fn run(config: WorkloadConfig) -> Result<WorkloadReport, String> {
         .start_rss_monitor(
             RssMonitorConfig::default()
                 .with_shed_below_floors(config.shed_below_floors)
-                .with_interval(config.monitor_interval),
+                .with_interval(config.monitor_interval)
+                .with_allocator_retention(config.retention),
         )
         .map_err(|e| format!("RSS monitor: {e}"))?;
 
@@ -1301,6 +1309,7 @@ impl WorkloadReport {
                 "floor_reclaims": self.monitor.floor_reclaims,
                 "reclaimed_bytes": self.monitor.reclaimed_bytes,
                 "purges": self.monitor.purges,
+                "retention_switches": self.monitor.retention_switches,
             },
         })
     }

@@ -17,6 +17,7 @@
 //!                           an engine runtime (MemoryGovernor::engine_runtime_builder)
 //!            CollectionArenaRegistry: (tenant, collection) ──▶ dedicated arena ──▶ owning engine
 //!   purge:   arena.<ALL>.purge / arena.<ALL>.decay  (give dirty pages back to the OS now)
+//!   decay:   arena.<i>.dirty_decay_ms              (how long freed pages stay; see `decay`)
 //! ```
 //!
 //! ## Which figure to trust
@@ -51,6 +52,7 @@
 //! RSS monitor falls back to the kernel's figure, which is always right.
 
 mod arenas;
+pub mod decay;
 mod engine_arenas;
 mod stats;
 

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
+use governor_core::retention::AllocatorRetention;
 use tests::runaway::{RunawayConfig, run_runaway};
 use tests::workload::{CeilingDrops, WorkloadConfig, run};
 
@@ -50,6 +51,11 @@ struct Cli {
     /// The RSS monitor never reclaims below engines' floors.
     #[arg(long)]
     keep_floors: bool,
+    /// How the RSS monitor steers the allocator's retention of freed pages: `follow-pressure`
+    /// (the default: returned at once from the Warning level on), `immediate` (always
+    /// returned at once) or `untouched` (jemalloc's own decay), to measure what it buys.
+    #[arg(long, value_enum, default_value_t = Retention::FollowPressure)]
+    retention: Retention,
     /// The RSS monitor's sampling interval in milliseconds.
     #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     monitor_ms: Option<u64>,
@@ -70,6 +76,27 @@ struct Cli {
     /// With `--scenario runaway`: never abort the runaway query (the comparison run).
     #[arg(long, requires = "scenario")]
     no_abort: bool,
+}
+
+/// The allocator retention policies the command line offers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Retention {
+    /// Freed pages go back at once from the Warning pressure level on.
+    FollowPressure,
+    /// Freed pages always go back at once.
+    Immediate,
+    /// jemalloc's own decay (10 s unless `MALLOC_CONF` says otherwise).
+    Untouched,
+}
+
+impl Retention {
+    fn policy(self) -> AllocatorRetention {
+        match self {
+            Self::FollowPressure => AllocatorRetention::default(),
+            Self::Immediate => AllocatorRetention::Fixed(std::time::Duration::ZERO),
+            Self::Untouched => AllocatorRetention::Untouched,
+        }
+    }
 }
 
 /// The scenarios besides the mixed workload.
@@ -95,6 +122,7 @@ impl Cli {
             config = config.ungoverned();
         }
         config.shed_below_floors = !self.keep_floors;
+        config.retention = self.retention.policy();
         config.progress = !self.quiet;
         if let Some(ms) = self.monitor_ms {
             config.monitor_interval = std::time::Duration::from_millis(ms);
