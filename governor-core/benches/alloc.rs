@@ -1,6 +1,7 @@
 //! Cost of the allocator truth: one stats query, one RSS-monitor tick, the monitor's overhead
 //! on the reservation hot path at its default interval, the per-engine reconciliation in a
-//! tick, and engine-arena pinning next to `try_reserve` and DataFusion's `GreedyMemoryPool`.
+//! tick, engine-arena pinning next to `try_reserve` and DataFusion's `GreedyMemoryPool`, and
+//! one switch of the allocator's decay (what the retention policy does at a pressure change).
 //!
 //! `cargo bench -p governor-core --bench alloc -- --quick`
 
@@ -194,5 +195,40 @@ fn pinning(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, stats_queries, monitor, reconciliation, pinning);
+/// What the retention policy does when the pressure crosses its threshold: set every arena's
+/// decay (to zero, which also returns what is dirty, and back). Each iteration first frees
+/// 4 MiB of 64 KiB pieces so that the switch to zero has dirty pages to return, as it would.
+fn retention_switch(c: &mut Criterion) {
+    use governor_core::alloc::decay::{configured_dirty_decay, set_dirty_decay_everywhere};
+    let mut group = c.benchmark_group("retention");
+    group
+        .sample_size(20)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(2));
+    let configured = configured_dirty_decay().expect("decay");
+    group.bench_function("free_4mib_then_switch_to_zero_and_back", |b| {
+        b.iter(|| {
+            let pieces: Vec<Vec<u8>> = (0..64).map(|_| vec![1u8; 64 * 1024]).collect();
+            drop(black_box(pieces));
+            black_box(set_dirty_decay_everywhere(Some(Duration::ZERO)).unwrap());
+            black_box(set_dirty_decay_everywhere(configured).unwrap());
+        });
+    });
+    group.bench_function("free_4mib_only", |b| {
+        b.iter(|| {
+            let pieces: Vec<Vec<u8>> = (0..64).map(|_| vec![1u8; 64 * 1024]).collect();
+            drop(black_box(pieces));
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    stats_queries,
+    monitor,
+    reconciliation,
+    pinning,
+    retention_switch
+);
 criterion_main!(benches);

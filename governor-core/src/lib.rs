@@ -86,7 +86,9 @@
 //! *untracked* account, so the room for reservations shrinks when memory leaks out of the
 //! books; at Emergency it purges jemalloc and reclaims from borrowers, and if that is not
 //! enough, from every holder below its floor too (floors protect an engine from other
-//! engines, not from the process passing its ceiling). With one jemalloc arena per engine
+//! engines, not from the process passing its ceiling). Near the ceiling it also has jemalloc
+//! return freed pages at once rather than keep them for reuse (the `retention` module). With
+//! one jemalloc arena per engine
 //! ([`MemoryGovernor::engine_runtime_builder`], [`MemoryGovernor::enter_engine`]) the monitor
 //! also reconciles each engine's books with its arena and charges an engine's own drift to
 //! that engine alone (the `reconcile` module). The `numa` module places threads and

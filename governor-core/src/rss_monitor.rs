@@ -12,6 +12,8 @@
 //!                    u = clamp(R − T, 0, C)            raw untracked
 //!                    s = filter(u)                     control law below
 //!                    governor.set_untracked(min(C, s + headroom))
+//!                    retention: pressure ≥ Warning → jemalloc returns freed pages at once
+//!                               (calm again for a hold → its start-up decay; `retention`)
 //!   if global pressure ≥ Emergency (and not cooling down):
 //!        purge jemalloc's dirty pages → re-measure → still Emergency?
 //!        → reclaim from borrowers down to the Critical threshold → purge again
@@ -58,6 +60,13 @@
 //! [`RssMonitorConfig::with_shed_below_floors`].
 //! The unit tests drive the law over a synthetic ramp and a closed-loop simulation, without
 //! threads.
+//!
+//! **Retention.** Part of what the books do not explain is not held by anyone: pages of freed
+//! memory that jemalloc keeps resident for reuse (10 s by default). Near the ceiling each tick
+//! has the allocator return them at once instead, and credits the resulting drop as it does
+//! a purge's; away from it the allocator's own decay comes back. The policy and its state
+//! machine are in the [`retention`](crate::retention) module
+//! ([`RssMonitorConfig::with_allocator_retention`]).
 //!
 //! **Per engine.** When engines run on their own jemalloc arenas, each tick also reconciles
 //! every engine's reservations with its arena and charges an engine's positive drift to that
@@ -493,11 +502,14 @@ impl RssMonitorHandle {
         }
         // Leave the allocator as the monitor found it: a stopped monitor cannot relax a tight
         // decay later, and the process would pay page faults for nothing.
-        let state = self.shared.state.lock();
-        if let Some(decay) = state.retention.restore()
-            && let Err(err) = set_dirty_decay_everywhere(decay)
-        {
-            tracing::warn!(error = %err, "RSS monitor could not restore the allocator's decay");
+        let mut state = self.shared.state.lock();
+        if let Some(decay) = state.retention.restore() {
+            match set_dirty_decay_everywhere(decay) {
+                Ok(_) => state.retention.applied(decay),
+                Err(err) => {
+                    tracing::warn!(error = %err, "RSS monitor could not restore the allocator's decay");
+                }
+            }
         }
     }
 }

@@ -2,13 +2,16 @@
 //! free returns its pages at once (and what was kept is returned when it tightens), away from
 //! it the decay jemalloc was started with comes back, and a stopped monitor puts it back too.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use governor_core::alloc::decay::{configured_dirty_decay, default_dirty_decay};
 use governor_core::alloc::{ArenaGuard, create_arena, pin_thread_arena_scoped};
 use governor_core::retention::{AllocatorRetention, PressureRetention};
-use governor_core::rss_monitor::RssMonitorConfig;
-use governor_core::{EngineBudget, EngineId, GovernorConfig, MemoryGovernor, PressureLevel, mib};
+use governor_core::rss_monitor::{RssMonitorConfig, RssMonitorHandle};
+use governor_core::{
+    EngineBudget, EngineId, GovernorConfig, MemoryGovernor, PressureLevel, ReservationToken, mib,
+};
 use parking_lot::Mutex;
 use tikv_jemalloc_ctl::{epoch, raw};
 
@@ -20,7 +23,7 @@ static ALLOCATOR: Mutex<()> = Mutex::new(());
 
 const CEILING: usize = mib(1024);
 
-fn governor() -> std::sync::Arc<MemoryGovernor> {
+fn governor() -> Arc<MemoryGovernor> {
     MemoryGovernor::new(
         GovernorConfig::builder()
             .global_ceiling(CEILING)
@@ -136,10 +139,8 @@ fn near_the_ceiling_freed_pages_go_back_and_away_from_it_the_start_up_decay_retu
     assert_eq!(arena_decay_ms(arena), configured_ms);
 }
 
-#[test]
-fn a_monitor_stopped_while_tight_puts_the_start_up_decay_back() {
-    let _turn = ALLOCATOR.lock();
-    let configured = configured_dirty_decay().unwrap();
+/// A governor 90 % booked and its monitor, ticked once: tight, with a long hold.
+fn tight_monitor() -> (Arc<MemoryGovernor>, RssMonitorHandle, ReservationToken) {
     let governor = governor();
     let monitor = governor.start_rss_monitor(monitor_config(100)).unwrap();
     let token = governor
@@ -148,6 +149,14 @@ fn a_monitor_stopped_while_tight_puts_the_start_up_decay_back() {
     monitor.sample_now().unwrap();
     assert!(monitor.stats().retention_tight);
     assert_eq!(default_dirty_decay().unwrap(), Some(Duration::ZERO));
+    (governor, monitor, token)
+}
+
+#[test]
+fn a_monitor_stopped_while_tight_puts_the_start_up_decay_back() {
+    let _turn = ALLOCATOR.lock();
+    let configured = configured_dirty_decay().unwrap();
+    let (_governor, monitor, token) = tight_monitor();
     drop(monitor);
     assert_eq!(default_dirty_decay().unwrap(), configured);
     drop(token);
@@ -157,13 +166,7 @@ fn a_monitor_stopped_while_tight_puts_the_start_up_decay_back() {
 fn a_decay_changed_behind_the_monitor_is_applied_again() {
     let _turn = ALLOCATOR.lock();
     let configured = configured_dirty_decay().unwrap();
-    let governor = governor();
-    let monitor = governor.start_rss_monitor(monitor_config(100)).unwrap();
-    let token = governor
-        .try_reserve(EngineId::Query, CEILING / 10 * 9)
-        .unwrap();
-    monitor.sample_now().unwrap();
-    assert_eq!(default_dirty_decay().unwrap(), Some(Duration::ZERO));
+    let (_governor, monitor, token) = tight_monitor();
     // Another party (a second monitor stopping, the application) relaxes it.
     governor_core::alloc::decay::set_dirty_decay_everywhere(configured).unwrap();
     monitor.sample_now().unwrap();
