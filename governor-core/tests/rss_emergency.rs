@@ -138,6 +138,11 @@ fn emergency_with_vector_floor(vector_floor: usize) -> RssMonitorStats {
         "RSS back under the Critical threshold plus headroom",
         || process_resident_bytes().unwrap() <= CEILING / 100 * 90,
     );
+    // The monitor books what a reclaim freed when the reclaim returns, which can be after
+    // RSS fell: near the ceiling freed pages go back to the kernel at once (`retention`).
+    wait_for("the monitor to book what the reclaim freed", || {
+        monitor.stats().reclaimed_bytes >= CHUNK
+    });
     let stats = monitor.stats();
     let after = process_resident_bytes().unwrap();
     eprintln!(
