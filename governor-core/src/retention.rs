@@ -120,11 +120,19 @@ pub type DecayTime = Option<Duration>;
 /// let policy = PressureRetention { hold_ticks: 1, ..PressureRetention::default() };
 /// let configured = Some(Duration::from_secs(10));
 /// let mut steer = RetentionSteer::new(AllocatorRetention::FollowPressure(policy), configured);
-/// assert_eq!(steer.on_tick(PressureLevel::Normal), None); // far from the ceiling: untouched
-/// assert_eq!(steer.on_tick(PressureLevel::Critical), Some(Some(Duration::ZERO)));
-/// assert_eq!(steer.on_tick(PressureLevel::Warning), None); // still tight
-/// assert_eq!(steer.on_tick(PressureLevel::Normal), None); // one calm tick: held
-/// assert_eq!(steer.on_tick(PressureLevel::Normal), Some(configured)); // relaxed again
+/// // What the monitor does each tick: ask, apply, report back.
+/// let mut tick = |level| {
+///     let decay = steer.on_tick(level);
+///     if let Some(decay) = decay {
+///         steer.applied(decay); // the allocator took it
+///     }
+///     decay
+/// };
+/// assert_eq!(tick(PressureLevel::Normal), None); // far from the ceiling: untouched
+/// assert_eq!(tick(PressureLevel::Critical), Some(Some(Duration::ZERO)));
+/// assert_eq!(tick(PressureLevel::Warning), None); // still tight
+/// assert_eq!(tick(PressureLevel::Normal), None); // one calm tick: held
+/// assert_eq!(tick(PressureLevel::Normal), Some(configured)); // relaxed again
 /// ```
 #[derive(Clone, Debug)]
 pub struct RetentionSteer {
