@@ -1190,7 +1190,7 @@ mod tests {
         let monitor = governor
             .start_rss_monitor(
                 RssMonitorConfig::default()
-                    .with_interval(Duration::from_secs(3600))
+                    .with_interval(Duration::from_hours(1))
                     .with_reclaim_on_emergency(false, Duration::ZERO)
                     .with_allocator_retention(AllocatorRetention::Fixed(Duration::ZERO)),
             )

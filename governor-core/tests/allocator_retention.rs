@@ -37,7 +37,7 @@ fn governor() -> Arc<MemoryGovernor> {
 /// A monitor whose thread never ticks during a test: the test drives it with `sample_now`.
 fn monitor_config(hold_ticks: u32) -> RssMonitorConfig {
     RssMonitorConfig::default()
-        .with_interval(Duration::from_secs(3600))
+        .with_interval(Duration::from_hours(1))
         .with_allocator_retention(AllocatorRetention::FollowPressure(PressureRetention {
             hold_ticks,
             ..PressureRetention::default()
@@ -184,7 +184,7 @@ fn untouched_leaves_the_allocator_alone_at_any_pressure() {
     let monitor = governor
         .start_rss_monitor(
             RssMonitorConfig::default()
-                .with_interval(Duration::from_secs(3600))
+                .with_interval(Duration::from_hours(1))
                 .with_allocator_retention(AllocatorRetention::Untouched),
         )
         .unwrap();

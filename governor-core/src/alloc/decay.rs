@@ -23,7 +23,7 @@ use crate::MemError;
 /// The longest decay time accepted (a day): beyond it, pages are kept for practical purposes
 /// forever, and jemalloc's millisecond counter must not be fed an overflowing figure such as
 /// `Duration::MAX`.
-pub const MAX_DECAY: Duration = Duration::from_secs(24 * 60 * 60);
+pub const MAX_DECAY: Duration = Duration::from_hours(24);
 
 /// Refuses a decay time above [`MAX_DECAY`], naming `field`.
 pub(crate) fn validate_decay(field: &str, decay: Duration) -> Result<(), MemError> {
