@@ -54,6 +54,10 @@ pub(crate) struct Consumer {
     /// Bytes granted under (S) of [`crate::policy`] since this consumer was last within its
     /// share: growth of a reservation the share fell under, bounded by the share grace.
     pub(crate) grace_used: AtomicUsize,
+    /// Set once a wait of this consumer ended refused at its deadline: its later requests
+    /// the governor cannot grant at once are refused at once (see `GovernedMemoryPool`'s
+    /// slow path), so one consumer waits in vain at most once.
+    pub(crate) waited_in_vain: AtomicBool,
     /// Set when the consumer unregisters, so a thread's cached entry is not used after.
     removed: AtomicBool,
 }
@@ -73,6 +77,7 @@ impl Consumer {
             is_sort_merge,
             first_reservation: AtomicUsize::new(0),
             grace_used: AtomicUsize::new(0),
+            waited_in_vain: AtomicBool::new(false),
             token: Mutex::new(token),
             reserved: AtomicUsize::new(0),
             overcommit: AtomicUsize::new(0),

@@ -86,6 +86,7 @@ pub struct GovernedMemoryPool {
     reclaim_requests: AtomicU64,
     reclaimed: AtomicUsize,
     waits: AtomicU64,
+    waits_in_vain: AtomicU64,
     grace_grants: AtomicU64,
     /// Unregisters the metrics source from the governor when the pool is dropped.
     _stats: StatsSourceHandle,
@@ -121,6 +122,8 @@ pub struct PoolStats {
     pub kept: usize,
     /// Entitled requests that waited for this pool's consumers to spill.
     pub waits: u64,
+    /// Of those, waits that ended refused at their deadline; each consumer has at most one.
+    pub waits_in_vain: u64,
     /// Growths granted under the share grace ((S) of [`crate::policy`]) to reservations the
     /// fair share had fallen under.
     pub grace_grants: u64,
@@ -178,6 +181,7 @@ impl GovernedMemoryPool {
             reclaim_requests: AtomicU64::new(0),
             reclaimed: AtomicUsize::new(0),
             waits: AtomicU64::new(0),
+            waits_in_vain: AtomicU64::new(0),
             grace_grants: AtomicU64::new(0),
             _stats: stats,
         }
@@ -208,6 +212,7 @@ impl GovernedMemoryPool {
             reclaimed: self.reclaimed.load(Ordering::Relaxed),
             kept: self.kept_merges.load(Ordering::Relaxed),
             waits: self.waits.load(Ordering::Relaxed),
+            waits_in_vain: self.waits_in_vain.load(Ordering::Relaxed),
             grace_grants: self.grace_grants.load(Ordering::Relaxed),
         }
     }
@@ -428,6 +433,13 @@ impl GovernedMemoryPool {
     ///
     /// A spiller that holds bytes of its own is not made to wait when nobody is above their
     /// share: a denial is its cue to spill, which is faster than any wait.
+    ///
+    /// **Bound.** One request spends at most `2 × reclaim_wait` here (the reclaim, then the
+    /// wait), and a consumer whose wait once ended refused never waits again: its later
+    /// refusals are immediate. So a query that cannot get its memory fails with
+    /// `ResourcesExhausted` (naming the consumer, the Query limit and the top consumers)
+    /// after at most `2 × reclaim_wait` per consumer of the query in waits that led nowhere
+    /// (10 s each at the default), however often its operators retry.
     fn grow_slow(
         &self,
         c: &Consumer,
@@ -437,6 +449,16 @@ impl GovernedMemoryPool {
         first: MemError,
     ) -> Result<(), MemError> {
         if !first.is_denial() {
+            return Err(first);
+        }
+        // Bound (issue 24, item 4): a consumer waits in vain at most once. Operators retry
+        // a refused request in loops (a sort spilling its sorted run asks again per batch, a
+        // multi-level merge re-asks per pass and per halved batch size), and a wait that
+        // already ran to its deadline says the memory is not coming; waiting `reclaim_wait`
+        // again per retry is what kept sort-merge plans busy for minutes where
+        // `FairSpillPool` failed them at once. After one futile wait its refusals are its
+        // cue to spill, or its query's typed error.
+        if c.waited_in_vain.load(Ordering::Relaxed) {
             return Err(first);
         }
         let deadline = Instant::now() + self.options.reclaim_wait;
@@ -456,8 +478,15 @@ impl GovernedMemoryPool {
                 Err(e) => last = e,
             }
         }
+        // A reclaim that ran (up to `reclaim_wait`) and did not help counts as a wait in vain.
+        let give_up = |last: MemError| -> Result<(), MemError> {
+            if borrowed_elsewhere {
+                c.waited_in_vain.store(true, Ordering::Relaxed);
+            }
+            Err(last)
+        };
         if !Self::may_wait_for_consumers() {
-            return Err(last);
+            return give_up(last);
         }
         let share = self.share(true);
         // A spilling reservation that holds nothing cannot spill either (an aggregate
@@ -478,7 +507,7 @@ impl GovernedMemoryPool {
             bytes
         } else {
             if self.held_above_share(c.id, share.per_reservation) == 0 {
-                return Err(last);
+                return give_up(last);
             }
             0
         };
@@ -507,6 +536,12 @@ impl GovernedMemoryPool {
         self.starving.fetch_sub(1, Ordering::Relaxed);
         self.pending_unspillable
             .fetch_sub(squeeze, Ordering::Relaxed);
+        if granted.is_none() {
+            // Also after a reclaim that came too late: the next request is granted at once
+            // or refused at once.
+            c.waited_in_vain.store(true, Ordering::Relaxed);
+            self.waits_in_vain.fetch_add(1, Ordering::Relaxed);
+        }
         granted.ok_or(last)
     }
 

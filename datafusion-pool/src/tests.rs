@@ -349,6 +349,30 @@ fn a_denied_unspillable_consumer_fails_with_names_after_a_bounded_wait() {
 }
 
 #[test]
+fn a_consumer_that_waited_in_vain_is_refused_at_once_when_it_retries() {
+    let g = query_only(kib(100));
+    let (p, d) = pool(&g, 0.0, Duration::from_millis(50));
+    let sort = spiller(&d, "ExternalSorter[0]");
+    sort.try_grow(kib(80)).unwrap();
+    let build = unspillable(&d, "HashJoinInput[1]");
+    exhausted(build.try_grow(kib(30)));
+    assert_eq!((p.stats().waits, p.stats().waits_in_vain), (1, 1));
+    // An operator retrying in a loop (as DataFusion's sorts and merges do) no longer waits
+    // `reclaim_wait` per try: the retries are refused without a wait, with the same message.
+    for _ in 0..10 {
+        let m = exhausted(build.try_grow(kib(30)));
+        assert!(
+            m.contains("HashJoinInput[1]") && m.contains("limit 100.0 KiB"),
+            "{m}"
+        );
+    }
+    assert_eq!((p.stats().waits, p.stats().waits_in_vain), (1, 1));
+    // What the governor can grant at once is still granted.
+    drop(sort);
+    build.try_grow(kib(30)).unwrap();
+}
+
+#[test]
 fn spillers_are_squeezed_to_make_room_for_an_unspillable_consumer() {
     let g = query_only(kib(100));
     let (p, d) = pool(&g, 0.0, Duration::from_secs(5));
