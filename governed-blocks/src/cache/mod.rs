@@ -34,7 +34,7 @@ mod state;
 
 use std::collections::HashSet;
 use std::hash::Hash;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -110,7 +110,6 @@ struct Counters {
     hook_failures: AtomicU64,
     denials: AtomicU64,
     reclaims: AtomicU64,
-    peak: AtomicUsize,
 }
 
 /// Builds a [`GovernedCache`]; see [`GovernedCache::builder`].
@@ -495,7 +494,7 @@ where
         };
         let settled = self
             .charge(actual)
-            .and_then(|actual| self.settle(key, &mut token, actual, false));
+            .and_then(|actual| self.settle(key, &mut token, actual, false, 0));
         if let Err(e) = settled {
             drop(value);
             drop(token);
@@ -510,7 +509,6 @@ where
         });
         self.index.lock().set_bytes(key, &slot, bytes);
         drop(body);
-        self.note_peak();
         Ok(value)
     }
 
@@ -521,6 +519,7 @@ where
         token: &mut ReservationToken,
         charged: usize,
         force: bool,
+        own_pinned: usize,
     ) -> Result<(), CacheError> {
         let held = token.size();
         if charged <= held {
@@ -531,9 +530,13 @@ where
         }
         let more = charged - held;
         let mut last = None;
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 0..MAX_ATTEMPTS {
             match token.try_grow(more) {
                 Ok(()) => return Ok(()),
+                Err(e) if attempt == 0 && !force && self.can_never_fit(charged, own_pinned) => {
+                    // Evicting cannot make it fit: refuse before evicting anything.
+                    return Err(self.no_room(more, e));
+                }
                 Err(e) => last = Some(e),
             }
             if self.make_room(more, Some(key)) == 0 {
@@ -559,11 +562,39 @@ where
         let slot = self.index.lock().slot(key).ok_or_else(not_resident)?;
         let mut body = slot.body.lock();
         let resident = body.as_mut().ok_or_else(not_resident)?;
-        self.settle(key, &mut resident.token, charged, force)?;
+        if charged <= resident.token.size() {
+            // Shrinking: lower the books' mirror before the token, so the index never
+            // shows more than the tokens hold (the peak is read from it).
+            self.index.lock().set_bytes(key, &slot, charged);
+            let held = resident.token.size();
+            resident
+                .token
+                .shrink(held - charged)
+                .expect("shrinking less than the token holds cannot fail");
+            return Ok(());
+        }
+        let pinned_here = if self.index.lock().is_pinned(key) {
+            resident.token.size()
+        } else {
+            0
+        };
+        if !force && self.can_never_fit(charged, pinned_here) {
+            // Refuse before evicting anything: evicting could not make it fit.
+            let more = charged - resident.token.size();
+            let source = match resident.token.try_grow(more) {
+                Ok(()) => {
+                    let size = resident.token.size();
+                    self.index.lock().set_bytes(key, &slot, size);
+                    return Ok(());
+                }
+                Err(e) => e,
+            };
+            return Err(self.no_room(more, source));
+        }
+        self.settle(key, &mut resident.token, charged, force, pinned_here)?;
         let size = resident.token.size();
         self.index.lock().set_bytes(key, &slot, size);
         drop(body);
-        self.note_peak();
         Ok(())
     }
 
@@ -589,9 +620,13 @@ where
         bytes: usize,
     ) -> Result<ReservationToken, CacheError> {
         let mut last = None;
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 0..MAX_ATTEMPTS {
             match self.governor.try_reserve(self.engine, bytes) {
                 Ok(t) => return Ok(t),
+                Err(e) if attempt == 0 && self.can_never_fit(bytes, 0) => {
+                    // Refused before evicting anything: NoRoom promises nothing changed.
+                    return Err(self.no_room(bytes, e));
+                }
                 Err(e) if e.is_denial() => last = Some(e),
                 Err(e) => return Err(self.no_room(bytes, e)),
             }
@@ -678,8 +713,9 @@ where
         }
         let resident = body.take().expect("checked resident above");
         let bytes = resident.token.size();
-        drop(resident);
+        // The index first, then the token: the index never shows more than tokens hold.
         self.index.lock().emptied(key, slot);
+        drop(resident);
         self.counters.evictions.fetch_add(1, Ordering::Relaxed);
         self.counters
             .evicted_bytes
@@ -724,9 +760,18 @@ where
         freed
     }
 
-    fn note_peak(&self) {
-        let now = self.index.lock().totals().resident;
-        self.counters.peak.fetch_max(now, Ordering::Relaxed);
+    /// True when `charged` bytes cannot be granted even if every entry this cache could
+    /// evict were evicted and every other holder let go: more than the most the engine is
+    /// ever granted (its limit, or the ceiling if lower; borrowing never goes past the
+    /// limit) less the pinned bytes of this cache other than `own_pinned` (the entry's own,
+    /// for a resize). Read at one moment: a later unpin or limit change can make it fit.
+    fn can_never_fit(&self, charged: usize, own_pinned: usize) -> bool {
+        let most = self
+            .governor
+            .limit(self.engine)
+            .min(self.governor.ceiling());
+        let pinned = self.index.lock().totals().pinned.saturating_sub(own_pinned);
+        charged > most.saturating_sub(pinned)
     }
 
     fn stats(&self) -> CacheStats {
@@ -736,10 +781,7 @@ where
             entries: t.entries,
             resident_bytes: t.resident,
             pinned_bytes: t.pinned,
-            peak_bytes: c
-                .peak
-                .fetch_max(t.resident, Ordering::Relaxed)
-                .max(t.resident),
+            peak_bytes: t.peak,
             hits: c.hits.load(Ordering::Relaxed),
             misses: c.misses.load(Ordering::Relaxed),
             evictions: c.evictions.load(Ordering::Relaxed),

@@ -38,6 +38,8 @@ pub(crate) struct Totals {
     pub(crate) entries: usize,
     pub(crate) resident: usize,
     pub(crate) pinned: usize,
+    /// Highest `resident` ever recorded.
+    pub(crate) peak: usize,
 }
 
 pub(crate) struct Index<K, V> {
@@ -48,6 +50,11 @@ pub(crate) struct Index<K, V> {
     resident_bytes: usize,
     pinned_bytes: usize,
     resident_entries: usize,
+    /// Highest `resident_bytes`, updated in the same critical section that raises it, so
+    /// it is a figure the index really held. The callers keep `resident_bytes` at most the
+    /// tokens they hold (raised after a token grows, lowered before it shrinks or drops),
+    /// so the peak never exceeds what the governor granted.
+    peak_bytes: usize,
 }
 
 impl<K: Eq + Hash + Clone, V> Index<K, V> {
@@ -59,6 +66,7 @@ impl<K: Eq + Hash + Clone, V> Index<K, V> {
             resident_bytes: 0,
             pinned_bytes: 0,
             resident_entries: 0,
+            peak_bytes: 0,
         }
     }
 
@@ -67,6 +75,7 @@ impl<K: Eq + Hash + Clone, V> Index<K, V> {
             entries: self.resident_entries,
             resident: self.resident_bytes,
             pinned: self.pinned_bytes,
+            peak: self.peak_bytes,
         }
     }
 
@@ -138,6 +147,7 @@ impl<K: Eq + Hash + Clone, V> Index<K, V> {
                 self.pinned_bytes += bytes;
             }
         }
+        self.peak_bytes = self.peak_bytes.max(self.resident_bytes);
     }
 
     /// Records that `slot` is empty again (evicted, removed, or its load failed) and drops

@@ -19,6 +19,12 @@
 //! - **Nothing lost, nothing twice.** Each item gets a sequence number; it is in the
 //!   pending vector or in the in-flight batch until the sink has returned `Ok` for its
 //!   batch, and a failed batch is written again, whole and first, before anything newer.
+//! - **Cancel-safe, and a drop writes once.** A flush's write runs on a blocking task
+//!   that owns the flush lock and records the outcome itself, so a `flush()` future dropped
+//!   mid-write leaves the write running to completion and booked: the next flush waits for
+//!   it and finds nothing in flight. The buffer's last owner (the buffer, or an in-flight
+//!   write that outlives it) writes what is left when it lets go, so a buffer dropped during
+//!   a write neither writes that batch again nor waits for it.
 //! - **Readers see everything.** [`GovernedWriteBuffer::visit`] shows in-flight and
 //!   pending items with their sequence numbers; a store that records the last sequence
 //!   number it holds lets readers skip what is already stored.
@@ -219,7 +225,7 @@ impl<T: Weighted + Send + Sync + 'static> WriteBufferBuilder<T> {
                 inflight: None,
                 budget: Budget::default(),
             }),
-            flush_lock: tokio::sync::Mutex::new(()),
+            flush_lock: Arc::new(tokio::sync::Mutex::new(())),
             counters: Counters::default(),
         });
         let reclaimer = self.governor.register_reclaimer(
@@ -280,13 +286,18 @@ pub struct GovernedWriteBuffer<T: Weighted + Send + Sync + 'static> {
     _stats: StatsSourceHandle,
 }
 
-impl<T: Weighted + Send + Sync + 'static> Drop for GovernedWriteBuffer<T> {
+impl<T> Drop for Inner<T> {
     /// Writes what is still buffered, synchronously: items appended but not yet flushed
-    /// must not vanish with the buffer. A failure is logged (a destructor cannot return
-    /// it); call [`GovernedWriteBuffer::flush`] first to handle errors yourself.
+    /// must not vanish with the buffer. It runs when the last owner lets go: the dropped
+    /// [`GovernedWriteBuffer`] when no write is in flight (on the dropping thread), else the
+    /// in-flight write's blocking task once its write is booked (on that thread), so the
+    /// buffer's drop never waits for a write and never writes a batch already being
+    /// written. Nothing else can reach the buffer here (`&mut self`), so no lock is needed.
+    /// Never panics: a sink failure or panic is logged (a destructor cannot return it);
+    /// call [`GovernedWriteBuffer::flush`] first to handle errors yourself.
     fn drop(&mut self) {
-        if let Err(e) = self.inner.flush_blocking() {
-            tracing::error!(buffer = %self.inner.name, error = %e, "buffered items not written on drop");
+        if let Err(e) = self.flush_blocking() {
+            tracing::error!(buffer = %self.name, error = %e, "buffered items not written on drop");
         }
     }
 }
@@ -332,6 +343,12 @@ impl<T: Weighted + Send + Sync + 'static> GovernedWriteBuffer<T> {
     /// comes back in [`AppendError`]. After the append, flushes when the buffer reached
     /// `flush_bytes`, or `min_flush_bytes` at Warning pressure; a failing flush does not
     /// fail the append (the item is buffered; the error is logged and counted).
+    ///
+    /// Cancel-safe in this sense: dropped before the item was buffered (while it waits for
+    /// memory), the item is dropped with the future and nothing of it stays (bytes won by
+    /// a wait stay in the buffer's headroom); dropped after (during the flush that follows
+    /// an append), the item stays buffered and is written by a later flush exactly as if
+    /// the call had returned `Ok`. [`GovernedWriteBuffer::visit`] tells which.
     pub async fn append(&self, item: T) -> Result<u64, AppendError<T>> {
         let inner = &*self.inner;
         let refuse = |reason, item| AppendError {
@@ -429,6 +446,13 @@ impl<T: Weighted + Send + Sync + 'static> GovernedWriteBuffer<T> {
     /// pending items as one batch. Returns the bytes given back to the governor. On a
     /// sink failure the batch stays buffered and readable, and the next flush writes it
     /// first. One flush runs at a time; appends continue meanwhile.
+    ///
+    /// Cancel-safe: dropped while it waits for another flush, nothing happened; dropped
+    /// once its write started, the write runs to completion on its blocking task and its
+    /// outcome is booked there (written items leave the buffer, a failed batch stays for
+    /// the next flush), and the next flush waits for it. No item is ever written twice
+    /// because a flush was cancelled, so calling `flush` again after a cancelled one is
+    /// always right.
     pub async fn flush(&self) -> Result<usize, FlushError> {
         self.inner.flush().await
     }
@@ -491,11 +515,95 @@ struct Inner<T> {
     min_flush: usize,
     wait: Duration,
     state: Mutex<State<T>>,
-    flush_lock: tokio::sync::Mutex<()>,
+    /// Held by the blocking task that writes, for the whole write and its booking; shared
+    /// so that task can own it past a cancelled `flush()` future.
+    flush_lock: Arc<tokio::sync::Mutex<()>>,
     counters: Counters,
 }
 
 type PushRefused<T> = (T, usize, Option<MemError>);
+
+/// The writing half, without bounds on `T`: the destructor needs it too.
+impl<T> Inner<T> {
+    /// The next batch to write: a failed one again, else the pending items.
+    fn next_batch(&self) -> Option<Arc<Batch<T>>> {
+        let mut st = self.state.lock();
+        if let Some(b) = &st.inflight {
+            return Some(Arc::clone(b));
+        }
+        if st.pending.is_empty() {
+            return None;
+        }
+        let bytes = st.pending.capacity() * std::mem::size_of::<T>() + st.pending_heap;
+        let items = std::mem::take(&mut st.pending);
+        let first_seq = st.next_seq - items.len() as u64;
+        st.pending_heap = 0;
+        let batch = Arc::new(Batch {
+            items,
+            first_seq,
+            bytes,
+        });
+        st.inflight = Some(Arc::clone(&batch));
+        Some(batch)
+    }
+
+    /// Records a batch's outcome; on success drops it and gives back its bytes (keeping at
+    /// most a chunk of headroom). Returns the bytes given back.
+    fn finish(
+        &self,
+        batch: &Arc<Batch<T>>,
+        result: Result<(), PersistError>,
+    ) -> Result<usize, FlushError> {
+        match result {
+            Ok(()) => {
+                let mut st = self.state.lock();
+                // Only the flush lock's holder writes, so the batch in flight is this one.
+                // Should that ever not hold, keep what is there (it is not written yet)
+                // rather than panic, possibly inside a destructor.
+                if st.inflight.as_ref().is_some_and(|b| Arc::ptr_eq(b, batch)) {
+                    st.inflight = None;
+                } else {
+                    tracing::error!(buffer = %self.name, "a written batch was no longer in flight; kept what is");
+                }
+                let used = st.used();
+                let surplus = st.budget.size().saturating_sub(used);
+                let keep = surplus.min(self.chunk);
+                let freed = st.budget.shrink(surplus - keep);
+                drop(st);
+                self.counters.flushes.fetch_add(1, Ordering::Relaxed);
+                Ok(freed)
+            }
+            Err(source) => {
+                self.counters.flush_failures.fetch_add(1, Ordering::Relaxed);
+                let err = FlushError {
+                    buffer: self.name.clone(),
+                    items: batch.items.len(),
+                    bytes: batch.bytes,
+                    source,
+                };
+                tracing::warn!(buffer = %self.name, error = %err, "flush failed; batch kept for retry");
+                Err(err)
+            }
+        }
+    }
+
+    /// Writes and books up to a retried batch and one of pending items, on this thread.
+    /// The caller holds the flush lock (or, in the destructor, is the only owner).
+    fn flush_blocking(&self) -> Result<usize, FlushError> {
+        let mut freed = 0;
+        for _ in 0..2 {
+            let Some(batch) = self.next_batch() else {
+                break;
+            };
+            let result =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.sink.write(&batch)))
+                    .unwrap_or_else(|_| Err(PersistError::msg("sink panicked")));
+            freed += self.finish(&batch, result)?;
+        }
+        Ok(freed)
+    }
+
+}
 
 impl<T: Weighted + Send + Sync + 'static> Inner<T> {
     /// Pushes `item` if its bytes (and the vector's growth) can be covered now; returns its
@@ -554,98 +662,37 @@ impl<T: Weighted + Send + Sync + 'static> Inner<T> {
         self.state.lock().items() > 0
     }
 
-    /// The next batch to write: a failed one again, else the pending items.
-    fn next_batch(&self) -> Option<Arc<Batch<T>>> {
-        let mut st = self.state.lock();
-        if let Some(b) = &st.inflight {
-            return Some(Arc::clone(b));
-        }
-        if st.pending.is_empty() {
-            return None;
-        }
-        let bytes = st.pending.capacity() * std::mem::size_of::<T>() + st.pending_heap;
-        let items = std::mem::take(&mut st.pending);
-        let first_seq = st.next_seq - items.len() as u64;
-        st.pending_heap = 0;
-        let batch = Arc::new(Batch {
-            items,
-            first_seq,
-            bytes,
+    /// Takes the flush lock, then, in the same poll (no cancellation point between),
+    /// hands it to a blocking task that writes *and* books the outcome: a dropped future
+    /// detaches the task, which still records what it wrote and only then lets the next
+    /// flush in.
+    async fn flush(self: &Arc<Self>) -> Result<usize, FlushError> {
+        let guard = Arc::clone(&self.flush_lock).lock_owned().await;
+        let inner = Arc::clone(self);
+        let task = tokio::task::spawn_blocking(move || {
+            let result = inner.flush_blocking();
+            drop(guard);
+            // `inner` may be the last owner (the buffer dropped meanwhile): its drop
+            // writes what was appended since, here, after the lock is free.
+            drop(inner);
+            result
         });
-        st.inflight = Some(Arc::clone(&batch));
-        Some(batch)
+        task.await.unwrap_or_else(|e| {
+            // Only a runtime shutting down cancels a blocking task before it runs (a
+            // sink's panic is caught inside); the items are still buffered.
+            Err(FlushError {
+                buffer: self.name.clone(),
+                items: 0,
+                bytes: 0,
+                source: PersistError::msg(format!("flush task did not run: {e}")),
+            })
+        })
     }
 
-    /// Records a batch's outcome; on success drops it and gives back its bytes (keeping at
-    /// most a chunk of headroom). Returns the bytes given back.
-    fn finish(
-        &self,
-        batch: &Arc<Batch<T>>,
-        result: Result<(), PersistError>,
-    ) -> Result<usize, FlushError> {
-        match result {
-            Ok(()) => {
-                let mut st = self.state.lock();
-                debug_assert!(st.inflight.as_ref().is_some_and(|b| Arc::ptr_eq(b, batch)));
-                st.inflight = None;
-                let used = st.used();
-                let surplus = st.budget.size().saturating_sub(used);
-                let keep = surplus.min(self.chunk);
-                let freed = st.budget.shrink(surplus - keep);
-                drop(st);
-                self.counters.flushes.fetch_add(1, Ordering::Relaxed);
-                Ok(freed)
-            }
-            Err(source) => {
-                self.counters.flush_failures.fetch_add(1, Ordering::Relaxed);
-                let err = FlushError {
-                    buffer: self.name.clone(),
-                    items: batch.items.len(),
-                    bytes: batch.bytes,
-                    source,
-                };
-                tracing::warn!(buffer = %self.name, error = %err, "flush failed; batch kept for retry");
-                Err(err)
-            }
-        }
-    }
-
-    async fn flush(&self) -> Result<usize, FlushError> {
-        let _one = self.flush_lock.lock().await;
-        let mut freed = 0;
-        // At most a retried batch and one of pending items: under steady ingest, pending
-        // refills while we write, and a flush must end.
-        for _ in 0..2 {
-            let Some(batch) = self.next_batch() else {
-                break;
-            };
-            let sink = Arc::clone(&self.sink);
-            let b = Arc::clone(&batch);
-            let result = tokio::task::spawn_blocking(move || sink.write(&b))
-                .await
-                .unwrap_or_else(|e| Err(PersistError::msg(format!("sink panicked: {e}"))));
-            freed += self.finish(&batch, result)?;
-        }
-        Ok(freed)
-    }
-
-    /// The flush for a destructor: the sink runs on this thread.
-    fn flush_blocking(&self) -> Result<usize, FlushError> {
-        let mut freed = 0;
-        for _ in 0..2 {
-            let Some(batch) = self.next_batch() else {
-                break;
-            };
-            let result =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.sink.write(&batch)))
-                    .unwrap_or_else(|_| Err(PersistError::msg("sink panicked")));
-            freed += self.finish(&batch, result)?;
-        }
-        Ok(freed)
-    }
-
-    /// Gives back headroom, then flushes if that was not enough.
-    async fn reclaim(&self, target: usize) -> usize {
+    /// Gives back headroom, then flushes if that was not enough. Cancel-safe like
+    /// [`GovernedWriteBuffer::flush`]: a reclaim dropped mid-flush leaves the write to
+    /// finish and be booked; only the figure it would have returned is lost.
+    async fn reclaim(self: &Arc<Self>, target: usize) -> usize {
         let mut freed = {
             let mut st = self.state.lock();
             let surplus = st.budget.size().saturating_sub(st.used());
@@ -690,6 +737,8 @@ impl<T: Weighted + Send + Sync + 'static> Reclaimer for BufferReclaimer<T> {
         self.0.upgrade().map_or(0, |i| i.state.lock().budget.size())
     }
 
+    /// Flushes (see [`Inner::reclaim`]). Cancel-safe: the governor may drop this future at
+    /// its reclaim timeout; a write already started completes and is booked.
     async fn reclaim(&self, target: usize) -> Result<usize, ReclaimError> {
         let inner = self
             .0
