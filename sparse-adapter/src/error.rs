@@ -33,6 +33,17 @@ pub enum SparseError {
         /// What did not match.
         reason: String,
     },
+    /// The store file is damaged: redb met a page it could not read (it panicked, and the
+    /// panic was caught at this crate's boundary). The handle that met it refuses every
+    /// later store operation with this error, since redb's state after a panic is unknown;
+    /// other files and handles are unaffected.
+    #[error("sparse store {path} is damaged: {reason}")]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// What redb reported.
+        reason: String,
+    },
     /// A stored posting block failed its length or checksum check.
     #[error("posting block {block} of term {term} is corrupt: {reason}")]
     CorruptBlock {

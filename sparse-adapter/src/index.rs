@@ -13,7 +13,7 @@ use governed_blocks::{
 };
 use governor_core::{EngineId, MemoryGovernor, ReservationToken};
 use parking_lot::RwLock;
-use redb::{Database, ReadableDatabase};
+use redb::ReadableDatabase;
 
 use crate::block::{MAX_BLOCK_BYTES, Posting, PostingBlock};
 use crate::error::SparseError;
@@ -58,7 +58,9 @@ impl Weighted for PendingDoc {
 }
 
 struct Shared {
-    db: Database,
+    /// Every use goes through [`store::Store::guard`], which turns redb's panics on a
+    /// damaged file into [`SparseError::Damaged`].
+    db: store::Store,
     cache: GovernedCache<(TermId, u32), PostingBlock>,
     /// Readers hold it shared for a whole search; a flush holds it exclusively from its
     /// commit until the cache and the watermark agree with the store, so a search sees a
@@ -85,7 +87,9 @@ impl BatchSink<PendingDoc> for Sink {
         }
         let shared = &self.0;
         let _publish = shared.publish.write();
-        let changed = store::append(&shared.db, &by_term, batch.items().len() as u64)
+        let changed = shared
+            .db
+            .guard(|db| store::append(db, &by_term, batch.items().len() as u64))
             .map_err(|e| PersistError::new("merging postings into the store", e))?;
         for key in changed {
             shared.cache.remove(&key);
@@ -241,33 +245,36 @@ impl SparseIndex {
         let shared = &*self.shared;
         let _publish = shared.publish.read();
         let stored_through = shared.stored_through.load(Ordering::Acquire);
-        let txn = shared.db.begin_read()?;
-        let terms = txn.open_table(store::TERMS)?;
-        let postings = txn.open_table(store::POSTINGS)?;
         let mut acc: HashMap<DocId, f32> = HashMap::new();
-        for &(term, qw) in query.terms() {
-            let blocks = terms.get(term)?.map_or(0, |g| g.value());
-            for b in 0..blocks {
-                let block = shared
-                    .cache
-                    .get_or_try_load(&(term, b), MAX_BLOCK_BYTES, || {
-                        let raw =
-                            postings
-                                .get((term, b))?
-                                .ok_or_else(|| SparseError::CorruptBlock {
-                                    term,
-                                    block: b,
-                                    reason: "listed in the term table but missing".to_owned(),
+        shared.db.guard(|db| {
+            let txn = db.begin_read()?;
+            let terms = txn.open_table(store::TERMS)?;
+            let postings = txn.open_table(store::POSTINGS)?;
+            for &(term, qw) in query.terms() {
+                let blocks = terms.get(term)?.map_or(0, |g| g.value());
+                for b in 0..blocks {
+                    let block =
+                        shared
+                            .cache
+                            .get_or_try_load(&(term, b), MAX_BLOCK_BYTES, || {
+                                let raw = postings.get((term, b))?.ok_or_else(|| {
+                                    SparseError::CorruptBlock {
+                                        term,
+                                        block: b,
+                                        reason: "listed in the term table but missing".to_owned(),
+                                    }
                                 })?;
-                        let block = PostingBlock::decode(term, b, raw.value())?;
-                        let bytes = block.heap_bytes();
-                        Ok::<_, SparseError>((block, bytes))
-                    })?;
-                for p in block.postings() {
-                    *acc.entry(p.doc).or_insert(0.0) += qw * p.weight;
+                                let block = PostingBlock::decode(term, b, raw.value())?;
+                                let bytes = block.heap_bytes();
+                                Ok::<_, SparseError>((block, bytes))
+                            })?;
+                    for p in block.postings() {
+                        *acc.entry(p.doc).or_insert(0.0) += qw * p.weight;
+                    }
                 }
             }
-        }
+            Ok(())
+        })?;
         // Buffered documents not yet in the store. A document is wholly in one place, and
         // its terms are visited in query order in both, so its score is the same sum in
         // the same order wherever it lives.
@@ -318,7 +325,7 @@ impl SparseIndex {
             cache: self.shared.cache.stats(),
             buffer: self.buffer.stats(),
             store_cache_bytes: self.store_token.size(),
-            stored_documents: store::documents(&self.shared.db)?,
+            stored_documents: self.shared.db.guard(store::documents)?,
         })
     }
 }
