@@ -27,8 +27,9 @@ const SORT_RESERVATION: usize = 1024 * 1024;
 /// Only catches hangs: a query that ends does so in seconds.
 const TIMEOUT: Duration = Duration::from_mins(2);
 /// 64 MiB at SF 1, scaled to SF 0.1, and one step tighter.
-/// Where the waits were (SF 1 / 64 MiB scaled down): Q21 at 8 MiB waited 28 times.
-const LIMITS: [usize; 2] = [8 * 1024 * 1024, 12 * 1024 * 1024];
+/// Where the waits were (SF 1 / 64 MiB scaled down): Q21 at 8 MiB waited 28 times before
+/// the fix. (12 MiB too, but one more limit doubles the test's time in a debug build.)
+const LIMITS: [usize; 1] = [8 * 1024 * 1024];
 /// Longer than the default 5 s so that waits in vain, repeated, reach the timeout at SF 0.1
 /// as they did at SF 1.
 const RECLAIM_WAIT: Duration = Duration::from_secs(20);
