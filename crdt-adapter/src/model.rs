@@ -47,10 +47,27 @@ pub const ENCODED_PCT: usize = 280;
 /// operation and encoding terms.
 pub const BYTES_PER_DECODED_CHANGE: usize = 2048;
 
+/// At most this many bytes of operation term per encoded byte. `ops` counts atoms (one
+/// per character of text), but loro keeps a contiguous run of text (a paste) as one
+/// operation: a 64 KiB paste kept 5.5 B a character (2.75× its 2 B-a-character snapshot)
+/// where the per-operation term charged 60 B (issue 25: a 3 MiB paste was charged
+/// 188,846,788 B and could never be loaded). Runs that each cost loro an operation also
+/// cost the encoding several bytes each (a list push about 9 B), so the cap leaves them
+/// at [`BYTES_PER_OP`] and only bounds runs of many atoms.
+pub const OP_BYTES_PER_ENCODED_BYTE: usize = 7;
+
+/// The operation term: [`BYTES_PER_OP`] per operation, at most
+/// [`OP_BYTES_PER_ENCODED_BYTE`] per encoded byte.
+fn op_charge(ops: usize, encoded: usize) -> usize {
+    BYTES_PER_OP
+        .saturating_mul(ops)
+        .min(OP_BYTES_PER_ENCODED_BYTE.saturating_mul(encoded))
+}
+
 /// The charge of a document with `ops` operations built from `encoded` bytes, saturating.
 pub fn charge(ops: usize, encoded: usize) -> usize {
     DOC_BASE_BYTES
-        .saturating_add(BYTES_PER_OP.saturating_mul(ops))
+        .saturating_add(op_charge(ops, encoded))
         .saturating_add(encoded_charge(encoded))
 }
 
@@ -78,10 +95,14 @@ pub fn import_growth(bytes: &[u8]) -> usize {
     growth(ops, bytes.len()).saturating_add(BYTES_PER_DECODED_CHANGE.saturating_mul(changes))
 }
 
-/// What `ops` more operations from `encoded` more bytes add to a charge at most.
+/// What `ops` more operations from `encoded` more bytes add to a charge at most. The
+/// operation term takes the larger of its two figures: the capped term of a sum can grow
+/// by more than the capped term of the part added (min(x1+x2, y1+y2) − min(x1, y1) is at
+/// most max(x2, y2)), and growths must add up.
 fn growth(ops: usize, encoded: usize) -> usize {
     BYTES_PER_OP
         .saturating_mul(ops)
+        .max(OP_BYTES_PER_ENCODED_BYTE.saturating_mul(encoded))
         .saturating_add(encoded_charge(encoded))
 }
 
