@@ -18,7 +18,7 @@ fn governor(limit: usize) -> Arc<MemoryGovernor> {
         GovernorConfig::builder()
             .global_ceiling(mib(64))
             .engine(ENGINE, EngineBudget::new(limit))
-            .reclaim_timeout(Duration::from_secs(120))
+            .reclaim_timeout(Duration::from_mins(2))
             .build()
             .unwrap(),
     )
@@ -59,7 +59,7 @@ impl BatchSink<Vec<u8>> for GatedSink {
 
 /// Waits (generously) for `cond`; the loop yields, it does not time anything.
 fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_mins(2);
     while !cond() {
         assert!(Instant::now() < deadline, "never: {what}");
         std::thread::yield_now();
@@ -113,7 +113,7 @@ async fn drop_during_reclaim_flush_writes_once_without_panic() {
     let reclaim = tokio::spawn(async move { g.reclaim_from(ENGINE, mib(1)).await });
     let s = Arc::clone(&sink);
     tokio::task::spawn_blocking(move || {
-        wait_until("the reclaim's write starts", || s.started() == 1)
+        wait_until("the reclaim's write starts", || s.started() == 1);
     })
     .await
     .unwrap();
