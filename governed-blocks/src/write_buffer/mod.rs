@@ -602,7 +602,6 @@ impl<T> Inner<T> {
         }
         Ok(freed)
     }
-
 }
 
 impl<T: Weighted + Send + Sync + 'static> Inner<T> {
