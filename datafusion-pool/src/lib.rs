@@ -147,6 +147,9 @@ mod options;
 pub mod policy;
 mod pool;
 mod query;
+mod safe_config;
+mod safe_state;
+pub mod spilling_join;
 mod wait;
 
 pub use consumers::ConsumerMetrics;
@@ -157,6 +160,8 @@ pub use options::{
 };
 pub use pool::{GovernedMemoryPool, PoolStats};
 pub use query::{GovernedQuery, GovernedQueryBuilder};
+pub use safe_state::{SpillingJoinRule, memory_safe_state};
+pub use spilling_join::SpillingHashJoinExec;
 
 #[cfg(test)]
 mod tests;
