@@ -127,7 +127,7 @@ impl PhysicalOptimizerRule for SpillingJoinRule {
         .data()
     }
 
-    fn name(&self) -> &str {
+    fn name(&self) -> &'static str {
         "SpillingJoinRule"
     }
 

@@ -252,7 +252,7 @@ async fn check(case: Case, budget: Option<usize>, road: Road) {
     let governor = query_governor(budget.unwrap_or(1 << 40), budget.unwrap_or(1 << 40));
     let plan = Arc::new(SpillingHashJoinExec::try_new(&hash_join(case)).unwrap());
     let batches = tokio::time::timeout(
-        Duration::from_secs(120),
+        Duration::from_mins(2),
         collect(Arc::clone(&plan) as _, task(governor.pool())),
     )
     .await
@@ -426,7 +426,7 @@ async fn check_rows_only(case: Case, budget: usize) {
     let governor = query_governor(budget, budget);
     let plan = Arc::new(SpillingHashJoinExec::try_new(&hash_join(case)).unwrap());
     let got = tokio::time::timeout(
-        Duration::from_secs(120),
+        Duration::from_mins(2),
         collect(plan as _, task(governor.pool())),
     )
     .await
