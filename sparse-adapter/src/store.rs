@@ -127,12 +127,13 @@ fn open_checked(path: &Path, cache_bytes: usize) -> Result<Database, SparseError
     // A file the read-only open cannot read (one that needs redb's repair after a crash)
     // is looked at after the read-write open instead.
     let exists = std::fs::metadata(path).is_ok_and(|m| m.len() > 0);
-    let early = match exists {
-        true => match Database::builder().open_read_only(path) {
+    let early = if exists {
+        match Database::builder().open_read_only(path) {
             Ok(ro) => Some(look(&ro, path)?),
             Err(_) => None,
-        },
-        false => Some(Found::New),
+        }
+    } else {
+        Some(Found::New)
     };
     let db = Database::builder()
         .set_cache_size(cache_bytes)
