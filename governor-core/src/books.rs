@@ -420,8 +420,11 @@ impl Books {
         self.row(engine).reserved()
     }
 
+    /// Bytes held by live tokens of all engines, from one reading of the ledger's global
+    /// counter (see [`Ledger::reserved`]) rather than a sum of engine rows read one after
+    /// another, which under concurrency could exceed the ceiling the ledger never passed.
     pub(crate) fn global_reserved(&self) -> usize {
-        EngineId::ALL.iter().map(|&e| self.reserved(e)).sum()
+        self.ledger.reserved()
     }
 
     pub(crate) fn ceiling(&self) -> usize {

@@ -249,7 +249,18 @@ impl MemoryGovernor {
         engine_room.min(global_room)
     }
 
-    /// Bytes held by live tokens of all engines (untracked memory excluded).
+    /// Bytes held by live tokens of all engines (untracked memory and idle credit excluded),
+    /// as one consistent figure: it is worked out from a single reading of the ledger's global
+    /// counter, the figure every admission checks against the ceiling, less the idle credit
+    /// and untracked memory that counter also holds.
+    ///
+    /// So while other threads reserve and release it is never above the ceiling (whereas
+    /// adding [`reserved`](Self::reserved) of each engine reads the engines at different
+    /// instants and can). The exceptions are the ones the ledger itself has: memory booked
+    /// with [`charge`](Self::charge) past the ceiling, and a ceiling lowered by
+    /// [`set_ceiling`](Self::set_ceiling) below what was already held. It equals the sum of
+    /// the engines' `reserved` when no operation is in flight; while some are, it may read low
+    /// by the bytes they are moving.
     pub fn global_reserved(&self) -> usize {
         self.books.global_reserved()
     }

@@ -362,6 +362,31 @@ impl Ledger {
         self.global.load(Ordering::Acquire)
     }
 
+    /// Bytes held by live tokens of every engine, as one consistent figure: one reading of the
+    /// global counter (the figure every grant checks against the ceiling), less what that
+    /// counter holds besides tokens (idle shard credit and untracked memory).
+    ///
+    /// Summing engine rows one after another would combine figures from different instants:
+    /// bytes released by one engine and granted to another could be counted in both, and the
+    /// sum read above a ceiling the ledger never passed. Here everything read after the global
+    /// counter is only ever *subtracted* from it, so the figure is never above what the counter
+    /// held at that instant, hence never above the ceiling unless the counter itself is
+    /// (memory booked by `charge` or untracked memory past the ceiling, or a ceiling lowered
+    /// below what is granted). Exact when no operation is in flight; while some are, it may
+    /// read low by the bytes they move (a refill's credit landing between the two reads).
+    pub(crate) fn reserved(&self) -> usize {
+        let global = self.global();
+        let mut besides_tokens = self.untracked();
+        for e in &*self.engines {
+            besides_tokens = besides_tokens.saturating_add(e.untracked());
+            for word in &*e.shards {
+                besides_tokens =
+                    besides_tokens.saturating_add(credit_of(word.load(Ordering::Acquire)));
+            }
+        }
+        global.saturating_sub(besides_tokens)
+    }
+
     pub(crate) fn global_peak(&self) -> usize {
         self.global_peak.load(Ordering::Acquire)
     }

@@ -27,7 +27,10 @@
 //! every engine, **reserved ≤ limit**. Small reservations are served from per-thread *credit*
 //! (a quantum of bytes granted ahead), so the hot path is one uncontended atomic, as cheap as
 //! DataFusion's `GreedyMemoryPool`, and scales with threads. See the `ledger` module; a loom
-//! model checks it.
+//! model checks it. To check the first invariant from outside while others reserve, read
+//! [`MemoryGovernor::global_reserved`]: it starts from the one global counter admission
+//! checks, whereas adding up each engine's [`reserved`](MemoryGovernor::reserved) reads the
+//! engines at different instants and can see a total that never existed.
 //!
 //! A reservation is a [`ReservationToken`]: RAII, so dropping it gives the bytes back; it can
 //! grow, shrink, split and merge but never release more than it holds. A token keeps the

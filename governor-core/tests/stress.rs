@@ -222,3 +222,74 @@ fn invariants_hold_under_contention() {
 fn node_sub_ceilings_hold_under_contention() {
     run(true);
 }
+
+/// `global_reserved()` is one consistent figure: while 8 threads move memory between four
+/// engines whose limits each equal a small ceiling (so the ceiling is almost always nearly
+/// full, and what one engine releases another takes at once), a reader calling it in a loop
+/// never sees it above the ceiling. A sum of the engines' rows read one after another could
+/// count the same bytes in the engine that released them and in the one that took them.
+#[test]
+fn global_reserved_is_never_above_the_ceiling() {
+    const SMALL_CEILING: usize = kib(64);
+    const SHARED: [EngineId; 4] = [
+        EngineId::Query,
+        EngineId::Vector,
+        EngineId::Timeseries,
+        EngineId::Sparse,
+    ];
+    const ROUNDS: usize = 50_000;
+    let mut builder = GovernorConfig::builder().global_ceiling(SMALL_CEILING);
+    for e in SHARED {
+        builder = builder.engine(e, EngineBudget::new(SMALL_CEILING));
+    }
+    let g = MemoryGovernor::new(builder.reservation_shards(8).build().unwrap()).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+
+    let reader = {
+        let (g, stop) = (g.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut reads, mut above, mut highest) = (0u64, 0u64, 0usize);
+            while !stop.load(Ordering::Acquire) {
+                let seen = g.global_reserved();
+                highest = highest.max(seen);
+                above += u64::from(seen > SMALL_CEILING);
+                reads += 1;
+            }
+            (reads, above, highest)
+        })
+    };
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let g = g.clone();
+            std::thread::spawn(move || {
+                let mut rng = 0xD1B5_4A32_D192_ED03u64 ^ (t as u64 + 1);
+                let mut granted = 0usize;
+                for _ in 0..ROUNDS {
+                    let r = next(&mut rng);
+                    // An eighth to a half of the ceiling: two to eight tokens fill it.
+                    let bytes = SMALL_CEILING / 8 + (r >> 8) as usize % (SMALL_CEILING * 3 / 8);
+                    if let Ok(token) = g.try_reserve(SHARED[t % SHARED.len()], bytes) {
+                        granted += 1;
+                        drop(token);
+                    }
+                }
+                granted
+            })
+        })
+        .collect();
+    let granted: usize = workers.into_iter().map(|w| w.join().unwrap()).sum();
+    stop.store(true, Ordering::Release);
+    let (reads, above, highest) = reader.join().unwrap();
+
+    assert_eq!(
+        above, 0,
+        "global_reserved() read above the {SMALL_CEILING} B ceiling {above} times in {reads} \
+         reads (highest {highest} B)"
+    );
+    assert!(reads > 0, "the reader must have read");
+    assert!(granted > 0, "the workers must have held memory");
+    assert_eq!(g.global_reserved(), 0, "everything was given back");
+    for e in SHARED {
+        assert_eq!(g.reserved(e), 0, "{e} leaked");
+    }
+}
