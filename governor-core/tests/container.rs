@@ -292,6 +292,92 @@ fn no_cgroup_at_all_falls_back_to_physical_memory() {
     assert!(reason.contains("no cgroup memory limit"), "{reason}");
 }
 
+/// A file may be up to 4 MiB and its error is logged on every sample of the container watch:
+/// the error quotes a bounded excerpt (with the total length), not the file, and still names
+/// the file. Each case is one 4 MiB line of text that is not what the file should hold.
+#[test]
+fn errors_quote_a_bounded_excerpt_of_a_huge_file() {
+    const FOUR_MIB: usize = 4 << 20;
+    let garbage = "x".repeat(FOUR_MIB);
+    let cases = [
+        ("sys/fs/cgroup/memory.max", garbage.clone()),
+        ("sys/fs/cgroup/memory.high", format!("1{}", &garbage[1..])),
+        ("proc/meminfo", format!("MemTotal: {}", &garbage[10..])),
+        ("proc/self/cgroup", garbage.clone()),
+        ("proc/self/mountinfo", garbage.clone()),
+    ];
+    for (file, text) in &cases {
+        assert_eq!(text.len(), FOUR_MIB);
+        let tree = Tree::new();
+        tree.v2("/")
+            .file("sys/fs/cgroup/memory.max", "1048576\n")
+            .file(file, text);
+        let err = tree.probe().memory_limit().unwrap_err();
+        let message = err.to_string();
+        let (path, _) = environment_error(&err);
+        assert_eq!(path, tree.path(file).display().to_string(), "{file}");
+        assert!(
+            message.len() < 1024,
+            "{file}: a {} byte message: {}…",
+            message.len(),
+            message.chars().take(300).collect::<String>()
+        );
+        assert!(message.contains(path), "{file}: {message}");
+        assert!(message.contains("bytes in all"), "{file}: {message}");
+    }
+    // The counters the watch samples every interval quote an excerpt too.
+    let tree = Tree::new();
+    tree.v2("/")
+        .file("sys/fs/cgroup/memory.max", "1048576\n")
+        .file("sys/fs/cgroup/memory.current", &garbage)
+        .file("sys/fs/cgroup/memory.events", &format!("max {garbage}"));
+    let sample = tree.probe().sample().unwrap();
+    assert_eq!(sample.errors.len(), 2, "memory.current and memory.events");
+    for err in &sample.errors {
+        let message = err.to_string();
+        assert!(message.len() < 1024, "a {} byte message", message.len());
+        assert!(message.contains("sys/fs/cgroup/memory."), "{message}");
+    }
+}
+
+/// The kernel writes a limit as `max` or decimal digits, then a newline. A sign, a space or a
+/// second word is not a limit, whatever Rust's integer parsing would make of it.
+#[test]
+fn limit_files_hold_max_or_digits_and_nothing_else() {
+    for (text, expected) in [
+        ("5\n", Some(5)),
+        ("5", Some(5)),
+        ("max\n", None),
+        ("max", None),
+    ] {
+        let tree = Tree::new();
+        tree.file("proc/self/cgroup", "0::/\n")
+            .file("sys/fs/cgroup/memory.max", text);
+        let limit = tree.probe().memory_limit();
+        match expected {
+            Some(bytes) => assert_eq!(limit.unwrap().bytes, bytes, "{text:?}"),
+            // `max` with no meminfo: no limit is known at all.
+            None => assert!(
+                environment_error(&limit.unwrap_err())
+                    .0
+                    .ends_with("proc/meminfo"),
+                "{text:?}"
+            ),
+        }
+    }
+    for bad in [
+        "+5", "+5\n", " 5", "5 5", "-1", "5\n\n", " max", "0x10", "5k",
+    ] {
+        let tree = Tree::new();
+        tree.file("proc/self/cgroup", "0::/\n")
+            .file("sys/fs/cgroup/memory.max", bad);
+        let err = tree.probe().memory_limit().unwrap_err();
+        let (path, reason) = environment_error(&err);
+        assert!(path.ends_with("sys/fs/cgroup/memory.max"), "{bad:?}: {err}");
+        assert!(reason.contains("neither `max` nor"), "{bad:?}: {err}");
+    }
+}
+
 #[test]
 fn a_cgroup_limit_stands_without_meminfo() {
     let tree = Tree::new();

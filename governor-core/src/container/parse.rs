@@ -4,6 +4,16 @@
 //! Each parser takes the file's text and the path to name in an error, and returns a typed
 //! value or a [`MemError::Environment`] that says which line is wrong and why. Reading the
 //! file (and telling "absent" from "unreadable") is the probe's job, not theirs.
+//!
+//! Two habits, because these files come from outside the process (a bind mount, a fixture, a
+//! hostile or broken runtime) and their errors are logged on every sample of the container
+//! watch:
+//!
+//! * an error quotes at most an excerpt of what it read ([`quote`]): a file may be up to
+//!   4 MiB, and a message that repeats it every interval would flood the log;
+//! * a number is what the kernel writes (`%llu`: decimal digits), checked before it is
+//!   converted ([`decimal`]): Rust's integer parsing also takes a leading `+`, which no kernel
+//!   file holds, so `+5` in a limit file is as wrong as `5k`.
 
 use std::path::Path;
 
@@ -14,6 +24,40 @@ use crate::MemError;
 /// writes its "unlimited" as `LONG_MAX` rounded down to a page (9223372036854771712), and no
 /// machine has 4 EiB of memory.
 pub(crate) const UNLIMITED_FROM: u64 = 1 << 62;
+
+/// Bytes of a file's text an error quotes at most (see [`quote`]).
+pub(crate) const EXCERPT_BYTES: usize = 200;
+
+/// `text` quoted for an error message: whole (debug-escaped) when it is at most
+/// [`EXCERPT_BYTES`] long, else its first [`EXCERPT_BYTES`] bytes (cut back to a character
+/// boundary), an ellipsis and the total length, so that the reader still sees what kind of
+/// text it was and how much of it there was.
+pub(crate) fn quote(text: &str) -> String {
+    if text.len() <= EXCERPT_BYTES {
+        return format!("{text:?}");
+    }
+    let mut end = EXCERPT_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}… ({} bytes in all)", &text[..end], text.len())
+}
+
+/// A non-negative decimal number as the kernel writes it: ASCII digits only (no sign, no
+/// spaces, no unit), fitting 64 bits. `None` for anything else.
+pub(crate) fn decimal(text: &str) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+/// The value of a one-number file: the kernel writes it followed by one newline (`%llu\n`,
+/// or `max\n` for a limit), so exactly that newline is taken off and nothing else is
+/// forgiven: a leading space or a second word means the file is not what we think it is.
+fn single_value(text: &str) -> &str {
+    text.strip_suffix('\n').unwrap_or(text)
+}
 
 /// Builds the error for `path`.
 pub(crate) fn malformed(path: &Path, reason: impl Into<String>) -> MemError {
@@ -54,8 +98,9 @@ pub(crate) fn proc_cgroup(text: &str, path: &Path) -> Result<ProcCgroup, MemErro
             malformed(
                 path,
                 format!(
-                    "line {}: {line:?} is not `hierarchy-id:controllers:path`",
-                    number + 1
+                    "line {}: {} is not `hierarchy-id:controllers:path`",
+                    number + 1,
+                    quote(line)
                 ),
             )
         })?;
@@ -71,7 +116,7 @@ pub(crate) fn proc_cgroup(text: &str, path: &Path) -> Result<ProcCgroup, MemErro
 fn cgroup_line(line: &str) -> Option<CgroupLine> {
     // The path may itself contain ':', so split at the first two colons only.
     let mut parts = line.splitn(3, ':');
-    let id = parts.next()?.parse().ok()?;
+    let id = u32::try_from(decimal(parts.next()?)?).ok()?;
     let controllers = parts.next()?;
     let path = parts.next()?;
     if !path.starts_with('/') {
@@ -116,7 +161,8 @@ pub(crate) fn mountinfo(text: &str, path: &Path) -> Result<CgroupMounts, MemErro
         if line.trim().is_empty() {
             continue;
         }
-        let bad = |why: &str| malformed(path, format!("line {}: {why}: {line:?}", number + 1));
+        let bad =
+            |why: &str| malformed(path, format!("line {}: {why}: {}", number + 1, quote(line)));
         let (before, after) = line
             .split_once(" - ")
             .ok_or_else(|| bad("no ` - ` separator before the filesystem type"))?;
@@ -179,52 +225,63 @@ pub(crate) fn mem_total(text: &str, path: &Path) -> Result<u64, MemError> {
     let mut words = line["MemTotal:".len()..].split_whitespace();
     let kib: u64 = words
         .next()
-        .and_then(|w| w.parse().ok())
-        .ok_or_else(|| malformed(path, format!("MemTotal is not a number: {line:?}")))?;
+        .and_then(decimal)
+        .ok_or_else(|| malformed(path, format!("MemTotal is not a number: {}", quote(line))))?;
     match words.next() {
         Some("kB") => {}
         other => {
             return Err(malformed(
                 path,
-                format!("MemTotal's unit is {other:?}, expected kB: {line:?}"),
+                format!(
+                    "MemTotal's unit is {}, expected kB: {}",
+                    other.map_or_else(|| "missing".to_owned(), quote),
+                    quote(line)
+                ),
             ));
         }
     }
     let bytes = kib
         .checked_mul(1024)
-        .ok_or_else(|| malformed(path, format!("MemTotal overflows 64 bits: {line:?}")))?;
+        .ok_or_else(|| malformed(path, format!("MemTotal overflows 64 bits: {}", quote(line))))?;
     if bytes == 0 {
         return Err(malformed(path, "MemTotal is 0"));
     }
     Ok(bytes)
 }
 
-/// Parses a single byte count (`memory.current`, `memory.usage_in_bytes`, `memory.failcnt`).
+/// Parses a single byte count (`memory.current`, `memory.usage_in_bytes`, `memory.failcnt`):
+/// decimal digits and an optional final newline, as the kernel writes it.
 pub(crate) fn count(text: &str, path: &Path) -> Result<u64, MemError> {
-    let value = text.trim();
+    let value = single_value(text);
     if value.is_empty() {
         return Err(malformed(path, "the file is empty, expected a number"));
     }
-    value.parse().map_err(|_| {
+    decimal(value).ok_or_else(|| {
         malformed(
             path,
-            format!("{value:?} is not a non-negative 64-bit number"),
+            format!(
+                "{} is not a non-negative 64-bit decimal number",
+                quote(value)
+            ),
         )
     })
 }
 
 /// Parses a limit file (`memory.max`, `memory.high`, `memory.limit_in_bytes`): `None` means
-/// unlimited (`max`, or a value of at least 2^62 such as v1's 9223372036854771712).
+/// unlimited (`max`, or a value of at least 2^62 such as v1's 9223372036854771712). The
+/// kernel writes `max` or decimal digits, then a newline; a sign, a space or a unit is
+/// refused rather than guessed at, since a misread limit is worse than none.
 pub(crate) fn limit(text: &str, path: &Path) -> Result<Option<u64>, MemError> {
-    if text.trim() == "max" {
+    let value = single_value(text);
+    if value == "max" {
         return Ok(None);
     }
-    let value = count(text, path).map_err(|_| {
+    let value = decimal(value).ok_or_else(|| {
         malformed(
             path,
             format!(
-                "{:?} is neither `max` nor a non-negative 64-bit byte count",
-                text.trim()
+                "{} is neither `max` nor a non-negative 64-bit decimal byte count",
+                quote(value)
             ),
         )
     })?;
@@ -248,8 +305,9 @@ pub(crate) fn psi(text: &str, path: &Path) -> Result<Psi, MemError> {
                 return Err(malformed(
                     path,
                     format!(
-                        "line {}: expected `some` or `full`, found {line:?}",
-                        number + 1
+                        "line {}: expected `some` or `full`, found {}",
+                        number + 1,
+                        quote(line)
                     ),
                 ));
             }
@@ -271,7 +329,11 @@ fn psi_line<'a>(
         let bad = || {
             malformed(
                 path,
-                format!("line {number}: bad field {word:?} in {line:?}"),
+                format!(
+                    "line {number}: bad field {} in {}",
+                    quote(word),
+                    quote(line)
+                ),
             )
         };
         let (key, value) = word.split_once('=').ok_or_else(bad)?;
@@ -279,12 +341,13 @@ fn psi_line<'a>(
             "avg10" => avg10 = Some(percent(value).ok_or_else(bad)?),
             "avg60" => avg60 = Some(percent(value).ok_or_else(bad)?),
             "avg300" => avg300 = Some(percent(value).ok_or_else(bad)?),
-            "total" => total = Some(value.parse::<u64>().map_err(|_| bad())?),
+            "total" => total = Some(decimal(value).ok_or_else(bad)?),
             // Later kernels may add fields; ignore what we do not know.
             _ => {}
         }
     }
-    let missing = |name: &str| malformed(path, format!("line {number}: no {name} in {line:?}"));
+    let missing =
+        |name: &str| malformed(path, format!("line {number}: no {name} in {}", quote(line)));
     Ok(PsiAverages {
         avg10: avg10.ok_or_else(|| missing("avg10"))?,
         avg60: avg60.ok_or_else(|| missing("avg60"))?,
@@ -312,7 +375,7 @@ pub(crate) fn events(text: &str, path: &Path) -> Result<MemoryEvents, MemError> 
         let bad = || {
             malformed(
                 path,
-                format!("line {}: expected `key count`: {line:?}", number + 1),
+                format!("line {}: expected `key count`: {}", number + 1, quote(line)),
             )
         };
         let (key, value) = line.split_once(' ').ok_or_else(bad)?;
@@ -324,7 +387,7 @@ pub(crate) fn events(text: &str, path: &Path) -> Result<MemoryEvents, MemError> 
             "oom_kill" => &mut out.oom_kill,
             _ => continue,
         };
-        *slot = value.trim().parse().map_err(|_| bad())?;
+        *slot = decimal(value.trim()).ok_or_else(bad)?;
         seen_any = true;
     }
     if !seen_any {
@@ -341,11 +404,9 @@ pub(crate) fn events(text: &str, path: &Path) -> Result<MemoryEvents, MemError> 
 pub(crate) fn oom_control_kills(text: &str, path: &Path) -> Result<Option<u64>, MemError> {
     for line in text.lines() {
         if let Some(value) = line.strip_prefix("oom_kill ") {
-            return value
-                .trim()
-                .parse()
-                .map(Some)
-                .map_err(|_| malformed(path, format!("oom_kill is not a number: {line:?}")));
+            return decimal(value.trim()).map(Some).ok_or_else(|| {
+                malformed(path, format!("oom_kill is not a number: {}", quote(line)))
+            });
         }
     }
     Ok(None)
@@ -420,6 +481,71 @@ mod tests {
         }
         assert_eq!(count("42\n", p()).unwrap(), 42);
         assert!(count("forty-two", p()).is_err());
+    }
+
+    /// `u64::from_str` takes a leading `+`; the kernel never writes one, so neither a limit nor
+    /// any other number read from a kernel file may hold one. Only the final newline the
+    /// kernel writes is forgiven.
+    #[test]
+    fn numbers_are_digits_as_the_kernel_writes_them() {
+        assert_eq!(limit("5\n", p()).unwrap(), Some(5));
+        assert_eq!(limit("5", p()).unwrap(), Some(5));
+        assert_eq!(limit("max", p()).unwrap(), None);
+        for bad in [
+            "+5", "+5\n", " 5", "5 ", "5 5", "-1", "5\n\n", " max", "+0", "\t5",
+        ] {
+            let err = limit(bad, p()).unwrap_err();
+            assert!(
+                err.to_string().contains("neither `max` nor"),
+                "{bad:?}: {err}"
+            );
+            assert!(count(bad, p()).is_err(), "{bad:?}");
+        }
+        assert!(mem_total("MemTotal: +5 kB\n", p()).is_err());
+        assert!(events("max +1\n", p()).is_err());
+        assert!(oom_control_kills("oom_kill +1\n", p()).is_err());
+        assert!(psi("some avg10=0.00 avg60=0.00 avg300=0.00 total=+1\n", p()).is_err());
+        assert!(proc_cgroup("+0::/\n", p()).is_err());
+        assert_eq!(decimal("18446744073709551615"), Some(u64::MAX));
+        assert_eq!(decimal("18446744073709551616"), None);
+        assert_eq!(decimal(""), None);
+    }
+
+    #[test]
+    fn quotes_are_bounded_excerpts() {
+        assert_eq!(quote("lots\n"), "\"lots\\n\"");
+        let long = format!("{}é{}", "a".repeat(EXCERPT_BYTES - 1), "b".repeat(1000));
+        let quoted = quote(&long);
+        // Cut back to the character boundary before the two-byte 'é'.
+        assert_eq!(
+            quoted,
+            format!(
+                "{:?}… ({} bytes in all)",
+                "a".repeat(EXCERPT_BYTES - 1),
+                long.len()
+            )
+        );
+        // Every parser quotes what it read through `quote`: a 4 MiB line stays a short error.
+        let huge = "x".repeat(4 << 20);
+        let errors = [
+            limit(&huge, p()).unwrap_err(),
+            count(&huge, p()).unwrap_err(),
+            proc_cgroup(&huge, p()).unwrap_err(),
+            mountinfo(&huge, p()).unwrap_err(),
+            mem_total(&format!("MemTotal: {huge}"), p()).unwrap_err(),
+            mem_total(&format!("MemTotal: 5 {huge}"), p()).unwrap_err(),
+            psi(&huge, p()).unwrap_err(),
+            psi(&format!("some avg10={huge}"), p()).unwrap_err(),
+            psi(&format!("some avg10=0.00 {huge}"), p()).unwrap_err(),
+            events(&format!("max {huge}"), p()).unwrap_err(),
+            events(&huge, p()).unwrap_err(),
+            oom_control_kills(&format!("oom_kill {huge}"), p()).unwrap_err(),
+        ];
+        for err in errors {
+            let message = err.to_string();
+            assert!(message.len() < 4 * EXCERPT_BYTES, "{} bytes", message.len());
+            assert!(message.contains("/fixture"), "{message}");
+        }
     }
 
     #[test]
