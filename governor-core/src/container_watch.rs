@@ -200,6 +200,9 @@ fn watch(
                     tracing::info!(limit_from = change.from, limit_to = change.to.bytes, source = %change.to.source, ceiling = done.to, over = done.over, "container limit changed; ceiling follows");
                 }
                 Err(err) => {
+                    // The ceiling still follows the old limit: so must the follower's
+                    // baseline, or a return to that limit would count as a change.
+                    follower.refused(change);
                     stats.errors.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(error = %err, limit = change.to.bytes, "container limit changed but the ceiling could not follow");
                 }

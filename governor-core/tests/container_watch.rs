@@ -179,6 +179,76 @@ fn the_ceiling_follows_the_container_and_the_kernel_raises_pressure() {
     assert_eq!(g.ceiling(), mib(140));
 }
 
+/// A container limit that gives no usable ceiling (1 byte, or 0: half of either is 0 bytes)
+/// is refused and the ceiling stays where it was. The limit the ceiling follows stays the
+/// baseline, so when the container returns to it nothing changes: no ceiling is set again
+/// and no change is counted.
+#[test]
+fn a_refused_limit_leaves_the_baseline_where_the_ceiling_is() {
+    let tree = Tree::new("refused");
+    let probe = ContainerProbe::with_root(&tree.0);
+    let g = MemoryGovernor::new(
+        GovernorConfig::builder()
+            .ceiling_from_probe(&probe, 0.5)
+            .unwrap()
+            .engine(EngineId::Query, EngineBudget::new(mib(100)))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(g.ceiling(), mib(100));
+    let watch = g
+        .follow_container(
+            probe,
+            ContainerWatchConfig {
+                interval: Duration::from_millis(5),
+                fraction: 0.5,
+                ..ContainerWatchConfig::default()
+            },
+        )
+        .unwrap();
+    // Waits until a sample that began after the files were written has been acted on. The
+    // environment's sample count is raised under its mutex after each sample is read: the
+    // sample counted `now + 1` may have read the files before they were written, the one
+    // counted `now + 2` read them after, and it has been acted on once `now + 3` is counted.
+    // Reading the count through that mutex also makes everything the watch did before it
+    // visible here.
+    let acted_on = || {
+        let now = g.environment().samples;
+        wait_until("three more samples", || g.environment().samples >= now + 3);
+    };
+    let errors = || {
+        watch
+            .stats()
+            .errors
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    for refused in [1, 0] {
+        tree.limit(refused);
+        acted_on();
+        assert!(errors() >= 1, "a {refused} B limit must be refused");
+        assert_eq!(g.ceiling(), mib(100));
+        // Back to the limit the ceiling follows: not a change.
+        tree.limit(mib(200));
+        acted_on();
+        let env = g.environment();
+        assert_eq!(env.ceiling_changes, 0, "after {refused} B: {env:?}");
+        assert_eq!(
+            watch
+                .stats()
+                .ceiling_changes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+        assert_eq!(g.ceiling(), mib(100));
+    }
+    // A usable change is still followed, measured from the baseline.
+    tree.limit(mib(120));
+    wait_until("the ceiling follows the limit down", || {
+        g.ceiling() == mib(60)
+    });
+}
+
 #[test]
 fn bad_watch_settings_and_unreadable_environments_are_refused() {
     let g = MemoryGovernor::new(

@@ -7,7 +7,11 @@
 //!
 //! * **Limit.** The first sample is the baseline; after it, any change in the effective
 //!   limit's bytes is reported once, so the caller can move the ceiling. A sample without a
-//!   limit (a read failed) changes nothing: the last known limit stays the baseline.
+//!   limit (a read failed) changes nothing: the last known limit stays the baseline. A change
+//!   the caller could not apply (a limit of 0 or 1 byte gives no usable ceiling) is handed
+//!   back with [`ContainerFollower::refused`]: the baseline stays the limit the ceiling still
+//!   follows, so a return to it is no change, and the refused value is not reported again
+//!   while it stays.
 //! * **PSI.** While `some avg10` or `full avg10` is at or above its threshold, the report asks
 //!   for global pressure of at least [`PressureLevel::Warning`]. avg10 is already a smoothed
 //!   10-second average, so no further hysteresis is added; a sample without PSI lifts the
@@ -198,7 +202,11 @@ impl FollowerReport {
 #[derive(Clone, Debug)]
 pub struct ContainerFollower {
     settings: FollowerSettings,
+    /// The limit the caller's ceiling follows: the baseline changes are measured against.
     limit: Option<usize>,
+    /// The last change the caller refused, while the container stays at it: reporting it on
+    /// every sample would only repeat the refusal (and its log line) every interval.
+    refused: Option<usize>,
     events: Option<MemoryEvents>,
     floor: Option<PressureLevel>,
 }
@@ -211,6 +219,7 @@ impl ContainerFollower {
         Ok(ContainerFollower {
             settings,
             limit: None,
+            refused: None,
             events: None,
             floor: None,
         })
@@ -221,25 +230,46 @@ impl ContainerFollower {
         &self.settings
     }
 
-    /// The last limit seen, in bytes.
+    /// The limit changes are measured against, in bytes: the last one seen, except that a
+    /// change handed back with [`refused`](Self::refused) leaves the one before it.
     pub fn last_limit(&self) -> Option<usize> {
         self.limit
+    }
+
+    /// Hands back a change [`observe`](Self::observe) reported that the caller could not
+    /// apply (the ceiling it gives was refused): the baseline goes back to `change.from`, the
+    /// limit the ceiling still follows, so that a later sample at that value is not reported
+    /// as a change, and `change.to` is not reported again until the limit moves elsewhere.
+    ///
+    /// Call it right after the `observe` that reported `change`; a change that is not the
+    /// last one reported is ignored (the baseline has moved on since).
+    pub fn refused(&mut self, change: &LimitChange) {
+        if self.limit == Some(change.to.bytes) {
+            self.limit = Some(change.from);
+            self.refused = Some(change.to.bytes);
+        }
     }
 
     /// Takes one sample into account and says what to do about it.
     pub fn observe(&mut self, sample: &ContainerSample) -> FollowerReport {
         let mut report = FollowerReport::default();
         if let Some(limit) = &sample.limit {
-            if let Some(previous) = self.limit
-                && previous != limit.bytes
-                && self.settings.follow_limit
-            {
-                report.limit_change = Some(LimitChange {
-                    from: previous,
-                    to: limit.clone(),
-                });
+            if self.refused == Some(limit.bytes) {
+                // Still at the value the caller refused: nothing new to report, and the
+                // baseline stays what the ceiling follows.
+            } else {
+                self.refused = None;
+                if let Some(previous) = self.limit
+                    && previous != limit.bytes
+                    && self.settings.follow_limit
+                {
+                    report.limit_change = Some(LimitChange {
+                        from: previous,
+                        to: limit.clone(),
+                    });
+                }
+                self.limit = Some(limit.bytes);
             }
-            self.limit = Some(limit.bytes);
         }
 
         let floor = self.psi_floor(sample);
@@ -344,6 +374,45 @@ mod tests {
         assert_eq!(f.last_limit(), Some(60));
         let change = f.observe(&sample(Some(80))).limit_change.unwrap();
         assert_eq!((change.from, change.to.bytes), (60, 80));
+    }
+
+    /// A 1-byte limit gives no usable ceiling; the caller refuses it. The baseline stays
+    /// 100 (what the ceiling follows), so the return to 100 is no change, the refused value is
+    /// not reported again while it stays, and a later move is measured from 100.
+    #[test]
+    fn a_refused_limit_leaves_the_baseline() {
+        let mut f = ContainerFollower::new(FollowerSettings::new()).unwrap();
+        f.observe(&sample(Some(100)));
+        let change = f.observe(&sample(Some(1))).limit_change.unwrap();
+        assert_eq!((change.from, change.to.bytes), (100, 1));
+        f.refused(&change);
+        assert_eq!(f.last_limit(), Some(100));
+        assert_eq!(
+            f.observe(&sample(Some(1))).limit_change,
+            None,
+            "refused once"
+        );
+        assert_eq!(f.observe(&sample(None)).limit_change, None);
+        assert_eq!(
+            f.observe(&sample(Some(100))).limit_change,
+            None,
+            "back to what the ceiling follows"
+        );
+        // Refused, then straight on to another value: measured from the baseline.
+        let change = f.observe(&sample(Some(0))).limit_change.unwrap();
+        f.refused(&change);
+        let change = f.observe(&sample(Some(60))).limit_change.unwrap();
+        assert_eq!((change.from, change.to.bytes), (100, 60));
+        // Leaving the refused value and coming back to it is a new change, reported again.
+        let change = f.observe(&sample(Some(1))).limit_change.unwrap();
+        f.refused(&change);
+        f.observe(&sample(Some(60)));
+        let change = f.observe(&sample(Some(1))).limit_change.unwrap();
+        assert_eq!((change.from, change.to.bytes), (60, 1));
+        // A stale hand-back (the baseline has moved on) changes nothing.
+        f.observe(&sample(Some(70)));
+        f.refused(&change);
+        assert_eq!(f.last_limit(), Some(70));
     }
 
     #[test]
