@@ -169,7 +169,10 @@ impl Slot {
 pub(crate) struct Inner {
     governor: Arc<MemoryGovernor>,
     dir: PathBuf,
-    params: HnswParams,
+    /// Settings for new segments: given to the builder, or taken from a sound manifest.
+    /// `None` only when neither was there and every manifest found was damaged; then
+    /// creating a segment is refused, naming those manifests.
+    params: Option<HnswParams>,
     policy: PressurePolicy,
     name: String,
     slots: RwLock<BTreeMap<SegmentId, Arc<Slot>>>,
@@ -190,7 +193,9 @@ pub struct HnswCacheBuilder {
 
 impl HnswCacheBuilder {
     /// Settings for segments this cache creates (required unless the directory already
-    /// holds segments, whose own settings are kept).
+    /// holds segments, whose own settings are kept). Without them, a directory that holds
+    /// no sound manifest still builds when it holds damaged ones (it serves nothing, lists
+    /// the damage, and refuses to create segments); an empty one fails the build.
     #[must_use]
     pub fn params(mut self, params: HnswParams) -> Self {
         self.params = Some(params);
@@ -219,6 +224,13 @@ impl HnswCacheBuilder {
     /// never loaded (every use of it, [`HnswCache::search_all`] included, returns
     /// [`HnswError::Corrupt`] naming the file), its files are left as they are, and
     /// [`HnswCache::damaged`] lists it. Every other segment is served.
+    ///
+    /// Without [`params`](Self::params) the settings for new segments come from a sound
+    /// manifest. When every manifest is damaged there is none to take them from; the build
+    /// still succeeds (so the damage can be listed), and
+    /// [`HnswCache::create_segment`] fails with [`HnswError::InvalidConfig`] naming the
+    /// damaged manifests. A directory without any manifest fails the build with
+    /// [`HnswError::InvalidConfig`]: it needs `params`.
     pub fn build(self) -> Result<HnswCache, HnswError> {
         std::fs::create_dir_all(&self.dir).map_err(|e| HnswError::io(&self.dir, e))?;
         let mut manifests = Vec::new();
@@ -242,8 +254,11 @@ impl HnswCacheBuilder {
             }
         }
         let params = match (self.params, manifests.first()) {
-            (Some(p), _) => p,
-            (None, Some(m)) => m.params(),
+            (Some(p), _) => Some(p),
+            (None, Some(m)) => Some(m.params()),
+            // Damaged manifests are not an empty directory: build, so that `damaged()` can
+            // say what is wrong; only creating a segment needs the settings.
+            (None, None) if !damaged.is_empty() || !unnamed_damage.is_empty() => None,
             (None, None) => {
                 return Err(HnswError::InvalidConfig {
                     field: "params",
@@ -253,7 +268,9 @@ impl HnswCacheBuilder {
                 });
             }
         };
-        params.validate()?;
+        if let Some(params) = &params {
+            params.validate()?;
+        }
         for (field, pct) in [
             ("warning_shed_pct", self.policy.warning_shed_pct),
             ("critical_shed_pct", self.policy.critical_shed_pct),
@@ -378,9 +395,12 @@ impl HnswCache {
         }
     }
 
-    /// Settings used for new segments.
-    pub fn params(&self) -> &HnswParams {
-        &self.inner.params
+    /// Settings used for new segments: those given to the builder, else a sound manifest's.
+    /// `None` when neither was there because every manifest in the directory is damaged
+    /// (see [`HnswCacheBuilder::build`]); [`create_segment`](Self::create_segment) is then
+    /// refused.
+    pub fn params(&self) -> Option<&HnswParams> {
+        self.inner.params.as_ref()
     }
 
     /// The segments known, in id order.
@@ -405,6 +425,10 @@ impl HnswCache {
     }
 
     /// Creates an empty, resident segment (reserving its tables first).
+    ///
+    /// Fails with [`HnswError::InvalidConfig`] (field `params`) when the cache has no
+    /// settings for new segments: built without [`HnswCacheBuilder::params`] on a directory
+    /// whose only manifests are damaged; the error names them.
     pub fn create_segment(&self, id: &SegmentId) -> Result<(), HnswError> {
         self.inner.create_segment(id)
     }
@@ -577,15 +601,53 @@ impl Inner {
         );
     }
 
+    /// Why `id` cannot be created without settings: the only manifests found were damaged,
+    /// named here (the first few, and how many more) so the operator knows what to restore.
+    fn no_params(&self, id: &SegmentId) -> HnswError {
+        /// Manifests named at most; a directory of thousands must not make a huge message.
+        const NAMED: usize = 5;
+        let slots = self.slots.read();
+        let paths: Vec<String> = slots
+            .values()
+            .filter_map(|s| s.damaged.as_ref())
+            .chain(&self.unnamed_damage)
+            .map(|d| d.path.display().to_string())
+            .collect();
+        let named = paths
+            .iter()
+            .take(NAMED)
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let more = if paths.len() > NAMED {
+            format!(" and {} more", paths.len() - NAMED)
+        } else {
+            String::new()
+        };
+        HnswError::InvalidConfig {
+            field: "params",
+            reason: format!(
+                "cannot create segment {id}: the cache was built without \
+                 HnswCacheBuilder::params(..) and the only manifests in {} are damaged \
+                 ({named}{more}), so there are no settings to take; give params, or restore or \
+                 remove the damaged manifests (HnswCache::damaged says what is wrong)",
+                self.dir.display()
+            ),
+        }
+    }
+
     fn create_segment(&self, id: &SegmentId) -> Result<(), HnswError> {
         if self.slots.read().contains_key(id) {
             return Err(HnswError::SegmentExists(id.clone()));
         }
+        let Some(params) = self.params else {
+            return Err(self.no_params(id));
+        };
         let charged = Arc::new(AtomicUsize::new(0));
         let mut attempt = 0;
         let seg = loop {
             let meter = Arc::clone(&charged);
-            match GovernedHnsw::create_metered(&self.governor, id.clone(), self.params, meter) {
+            match GovernedHnsw::create_metered(&self.governor, id.clone(), params, meter) {
                 Ok(seg) => break seg,
                 Err(HnswError::Backpressure { needed, source, .. }) => {
                     attempt += 1;

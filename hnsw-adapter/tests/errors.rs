@@ -148,7 +148,7 @@ fn damaged_dump_is_corrupt_not_a_panic() {
 
     // A manifest that is not even JSON: the segment is listed as damaged, not loaded.
     std::fs::write(dir.path().join("docs.0.manifest.json"), b"{ not json").unwrap();
-    // (Its only segment is damaged, so the settings for new segments must be given.)
+    // With settings for new segments given, the cache can also create segments.
     let cache = HnswCache::builder(gov, dir.path())
         .params(params(300))
         .build()
@@ -159,6 +159,89 @@ fn damaged_dump_is_corrupt_not_a_panic() {
         "{err}"
     );
     assert_eq!(cache.damaged().len(), 1);
+}
+
+/// A directory whose only manifest is damaged is not an empty directory: without `params`
+/// it still builds, lists the damage and refuses only what needs the settings (creating a
+/// segment), with an error that says the only manifests are damaged and names them. A
+/// directory that also holds a sound manifest takes the settings from it and serves it.
+#[test]
+fn a_directory_whose_only_manifests_are_damaged_builds_without_params() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let gov = governor(mib(64), mib(128));
+        let cache = HnswCache::builder(gov, dir.path())
+            .params(params(300))
+            .build()
+            .unwrap();
+        populate(&cache, 2, 300);
+    }
+    let sound = std::fs::read(dir.path().join("docs.1.manifest.json")).unwrap();
+    std::fs::remove_file(dir.path().join("docs.1.manifest.json")).unwrap();
+    let damaged = dir.path().join("docs.0.manifest.json");
+    std::fs::write(&damaged, b"{ not json").unwrap();
+
+    let gov = governor(mib(64), mib(128));
+    let cache = HnswCache::builder(gov.clone(), dir.path())
+        .build()
+        .expect("a damaged manifest does not fail the build");
+    let listed = cache.damaged();
+    assert!(
+        matches!(listed.as_slice(), [HnswError::Corrupt { segment, path, .. }]
+            if *segment == seg(0) && *path == damaged),
+        "{listed:?}"
+    );
+    assert!(
+        cache.params().is_none(),
+        "no sound manifest to take them from"
+    );
+    let q = vectors(1, 1).pop().unwrap();
+    assert!(matches!(
+        cache.search(&seg(0), &q, 3, 16),
+        Err(HnswError::Corrupt { .. })
+    ));
+    let err = cache.create_segment(&seg(7)).unwrap_err();
+    let message = err.to_string();
+    assert!(
+        matches!(
+            err,
+            HnswError::InvalidConfig {
+                field: "params",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(message.contains("only manifests"), "{message}");
+    assert!(message.contains("damaged"), "{message}");
+    assert!(
+        message.contains(&damaged.display().to_string()),
+        "{message}"
+    );
+    assert!(!message.contains("empty"), "{message}");
+    assert_eq!(gov.reserved(EngineId::Vector), 0, "nothing booked");
+    drop(cache);
+    assert_eq!(
+        std::fs::read(&damaged).unwrap(),
+        b"{ not json",
+        "evidence kept"
+    );
+
+    // With a sound manifest beside the damaged one: its settings, its segment served.
+    std::fs::write(dir.path().join("docs.1.manifest.json"), sound).unwrap();
+    let cache = HnswCache::builder(gov, dir.path()).build().unwrap();
+    assert_eq!(cache.damaged().len(), 1);
+    assert_eq!(cache.params(), Some(&params(300)));
+    assert!(!cache.search(&seg(1), &q, 3, 16).unwrap().is_empty());
+    cache.create_segment(&seg(7)).unwrap();
+
+    // A directory with no manifest at all still needs the settings, and says so.
+    let empty = tempfile::tempdir().unwrap();
+    let err = HnswCache::builder(governor(mib(64), mib(128)), empty.path())
+        .build()
+        .err()
+        .expect("an empty directory needs params");
+    assert!(err.to_string().contains("empty"), "{err}");
 }
 
 /// Sets a manifest field wherever the format keeps it (the old format at the top level,
