@@ -6,7 +6,9 @@
 //!
 //! * the container's limit changed (an operator resized the pod) → the ceiling becomes
 //!   `fraction × new limit` through [`MemoryGovernor::set_ceiling`], which drains what is held
-//!   above it;
+//!   above it. A limit that gives no usable ceiling (0 or 1 byte) is logged and counted as an
+//!   error once, and the ceiling goes on following the previous limit: returning to it is no
+//!   change ([`ContainerFollower::refused`]);
 //! * pressure stall information crossed its threshold → the global pressure level is raised to
 //!   at least Warning ([`MemoryGovernor::set_environment_pressure`]) until it falls back;
 //! * a `max`, `oom` or `oom_kill` counter rose (the kernel hit the limit or killed something)

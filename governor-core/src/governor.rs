@@ -258,9 +258,10 @@ impl MemoryGovernor {
     /// adding [`reserved`](Self::reserved) of each engine reads the engines at different
     /// instants and can). The exceptions are the ones the ledger itself has: memory booked
     /// with [`charge`](Self::charge) past the ceiling, and a ceiling lowered by
-    /// [`set_ceiling`](Self::set_ceiling) below what was already held. It equals the sum of
-    /// the engines' `reserved` when no operation is in flight; while some are, it may read low
-    /// by the bytes they are moving.
+    /// [`set_ceiling`](Self::set_ceiling) below what was already held, or untracked memory
+    /// ([`set_untracked`](Self::set_untracked)) pushing the books past it. It equals the sum
+    /// of the engines' `reserved` when no operation is in flight; while some are, it may be
+    /// off by the bytes they are moving, in either direction, but never above the ceiling.
     pub fn global_reserved(&self) -> usize {
         self.books.global_reserved()
     }

@@ -372,8 +372,10 @@ impl Ledger {
     /// counter is only ever *subtracted* from it, so the figure is never above what the counter
     /// held at that instant, hence never above the ceiling unless the counter itself is
     /// (memory booked by `charge` or untracked memory past the ceiling, or a ceiling lowered
-    /// below what is granted). Exact when no operation is in flight; while some are, it may
-    /// read low by the bytes they move (a refill's credit landing between the two reads).
+    /// below what is granted). Exact when no operation is in flight; while some are, it may be
+    /// off by the bytes they move, either way (a refill's credit landing after the counter
+    /// was read makes it low; one granted but not yet landed makes it high), never above
+    /// the counter.
     pub(crate) fn reserved(&self) -> usize {
         let global = self.global();
         let mut besides_tokens = self.untracked();
