@@ -20,9 +20,21 @@
 //! re-spills a run with halved batches when even that does not fit) and at most DataFusion's
 //! default (a bigger reservation only saves merge passes the default already avoids).
 //!
-//! `sort_in_place_threshold_bytes` (1 MiB) and `max_spill_file_size_bytes` (128 MiB, used by
-//! `RepartitionExec` only) are left alone: the first is already below the smallest merge
-//! reservation chosen here, the second bounds file size, not memory.
+//! `sort_in_place_threshold_bytes` (1 MiB) is left alone: it is already below the smallest
+//! merge reservation chosen here.
+//!
+//! # Why every repartition spill file holds one batch
+//!
+//! `max_spill_file_size_bytes` (128 MiB by default, used by `RepartitionExec` only) is set to
+//! one byte, so that each batch a repartition spills finishes its own file. DataFusion 55.2's
+//! spill pool (`SpillPoolReader`) reads only the file at the head of its queue and, while
+//! that file is still open for writing, waits for its writer to add to it; but the writer
+//! only writes when the repartition is refused memory, which under a tight budget may never
+//! happen again, so the consumer waits forever with rows on disk (apache/datafusion#24883,
+//! fixed after 55.2 by apache/datafusion#24891). TPC-H Q21 at SF 0.1 under 6 MiB hung this
+//! way in `tests/tpch_safe.rs`. A finished file is read to its end without waiting. The cost
+//! is one small file (and its IPC header) per spilled batch, paid only when spilling, and
+//! DataFusion's own tests run the spill pool at this setting.
 //!
 //! # Settings the user chose
 //!
@@ -30,12 +42,12 @@
 //! `SessionConfig` does not record whether a value was set, so a user who sets exactly the
 //! default value gets the budget-aware one; set `10 MiB + 1` to pin it.
 //!
-//! Not done here yet (issue 24, item 2): the final aggregate's output phase, which cannot
-//! spill while it emits; no DataFusion 55 setting changes that.
+//! The final aggregate's output phase, which cannot spill while it emits, is not a matter
+//! of settings (no DataFusion 55 setting changes it): see [`crate::emit_headroom`].
 
 use std::sync::Arc;
 
-use datafusion::common::config::ExecutionOptions;
+use datafusion::common::config::{ConfigNonZeroUsize, ExecutionOptions};
 use datafusion::execution::memory_pool::{MemoryLimit, MemoryPool};
 use datafusion::prelude::SessionConfig;
 
@@ -64,7 +76,17 @@ pub(crate) fn budget_aware_config(
     if execution.sort_spill_reservation_bytes == default {
         execution.sort_spill_reservation_bytes = merge_reservation(budget, partitions).min(default);
     }
+    if execution.max_spill_file_size_bytes == ExecutionOptions::default().max_spill_file_size_bytes
+    {
+        execution.max_spill_file_size_bytes = one_batch_per_spill_file();
+    }
     config
+}
+
+/// The `max_spill_file_size_bytes` of a governed session: every batch a repartition spills
+/// finishes its file (see the module doc: apache/datafusion#24883).
+fn one_batch_per_spill_file() -> ConfigNonZeroUsize {
+    ConfigNonZeroUsize::try_new(1).expect("1 is not zero")
 }
 
 /// The merge reservation of one sort partition under `budget` with `partitions` partitions
@@ -124,6 +146,28 @@ mod tests {
         let pool: Arc<dyn MemoryPool> = Arc::new(GreedyMemoryPool::new(64 * MIB));
         let mine = SessionConfig::new().with_sort_spill_reservation_bytes(3 * MIB);
         assert_eq!(reservation(&budget_aware_config(mine, &pool)), 3 * MIB);
+    }
+
+    fn spill_file_size(config: &SessionConfig) -> usize {
+        config.options().execution.max_spill_file_size_bytes.get()
+    }
+
+    #[test]
+    fn repartition_spill_files_hold_one_batch_unless_the_user_chose_a_size() {
+        assert_eq!(
+            spill_file_size(&fitted(GreedyMemoryPool::new(64 * MIB), 2)),
+            1
+        );
+        assert_eq!(
+            spill_file_size(&fitted(UnboundedMemoryPool::default(), 2)),
+            128 * MIB,
+            "an unbounded pool leaves the session as it is"
+        );
+        let pool: Arc<dyn MemoryPool> = Arc::new(GreedyMemoryPool::new(64 * MIB));
+        let mut mine = SessionConfig::new();
+        mine.options_mut().execution.max_spill_file_size_bytes =
+            ConfigNonZeroUsize::try_new(MIB).unwrap();
+        assert_eq!(spill_file_size(&budget_aware_config(mine, &pool)), MIB);
     }
 
     #[test]
