@@ -12,7 +12,10 @@ use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::SpillFile;
 use datafusion::physical_expr::PhysicalExprRef;
 use datafusion::physical_plan::spill::SpillManager;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use futures::StreamExt;
+
+use super::compact::copy_rows;
 
 /// Buckets per split. Sixteen keeps the open files per split small (one per bucket and
 /// side) while four levels of splitting reach 65,536 buckets, far more than a build side
@@ -46,10 +49,16 @@ impl std::fmt::Debug for Bucket {
 }
 
 impl Bucket {
-    /// The bucket's rows as a stream (empty when it has none).
+    /// The bucket's rows as a stream (empty when it has none), each batch in buffers of its
+    /// own (see [`copy_rows`](super::compact::copy_rows)).
     pub(crate) fn read(&self, spill: &SpillManager) -> Result<SendableRecordBatchStream> {
         match &self.file {
-            Some(file) => spill.read_spill_as_stream(Arc::clone(file), None),
+            Some(file) => {
+                let stream = spill.read_spill_as_stream(Arc::clone(file), None)?;
+                let schema = stream.schema();
+                let copied = stream.map(|b| b.and_then(|b| copy_rows(&b, 0, b.num_rows())));
+                Ok(Box::pin(RecordBatchStreamAdapter::new(schema, copied)))
+            }
             None => Ok(Box::pin(
                 datafusion::physical_plan::memory::MemoryStream::try_new(
                     Vec::new(),

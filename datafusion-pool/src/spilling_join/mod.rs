@@ -44,6 +44,7 @@
 //!   `spill_buckets` (bucket pairs joined from disk), `max_split_depth`, `chunked_rounds`.
 
 mod buckets;
+mod compact;
 mod leaf;
 mod prepaid;
 mod run;

@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use datafusion::common::Result;
+use datafusion::common::{DataFusionError, Result};
 use datafusion::execution::memory_pool::{
     MemoryConsumer, MemoryLimit, MemoryPool, MemoryReservation,
 };
@@ -27,6 +27,9 @@ struct Books {
     prepaid: usize,
     /// Bytes the inner join holds.
     drawn: usize,
+    /// The most the join books for build sides it holds in memory (see
+    /// [`PrepaidPool::try_reserve`]).
+    cap: usize,
 }
 
 /// A [`MemoryPool`] whose every byte is booked on one reservation of another pool.
@@ -36,21 +39,32 @@ pub(crate) struct PrepaidPool {
 }
 
 impl PrepaidPool {
-    /// A pool booking on `outer` (a reservation of the session's pool).
-    pub(crate) fn new(outer: MemoryReservation) -> Arc<Self> {
+    /// A pool booking on `outer` (a reservation of the session's pool) that holds at most
+    /// `cap` bytes for build sides.
+    pub(crate) fn new(outer: MemoryReservation, cap: usize) -> Arc<Self> {
         Arc::new(Self {
             books: Mutex::new(Books {
                 outer,
                 prepaid: 0,
                 drawn: 0,
+                cap,
             }),
         })
     }
 
     /// Grows the join's own reservation by `bytes` (it buffers a batch before any inner join
-    /// runs). Refused as the session's pool refuses.
+    /// runs). Refused as the session's pool refuses, and when the reservation would pass the
+    /// join's cap: the join then splits to disk rather than hold more than its part of the
+    /// budget while the operators beside it run.
     pub(crate) fn try_reserve(&self, bytes: usize) -> Result<()> {
         let mut b = self.books.lock();
+        let after = b.outer.size().saturating_add(bytes);
+        if after > b.cap {
+            return Err(DataFusionError::ResourcesExhausted(format!(
+                "a spilling hash join holds at most {} B of build side in memory, {after} B asked",
+                b.cap
+            )));
+        }
         b.outer.try_grow(bytes)?;
         b.prepaid += bytes;
         Ok(())
