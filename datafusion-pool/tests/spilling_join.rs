@@ -128,6 +128,36 @@ fn input(prefix: &str, side: Side) -> Arc<dyn ExecutionPlan> {
     Arc::new(RepartitionExec::try_new(source, Partitioning::Hash(vec![key], PARTITIONS)).unwrap())
 }
 
+/// One side as a plan already partitioned by its key (even keys and NULLs in partition 0, odd
+/// keys in 1), with no `RepartitionExec`: the lifecycle tests below count spill files, and a
+/// repartition spills files of its own that live as long as its plan.
+fn input_partitioned_by_key(prefix: &str, side: Side) -> Arc<dyn ExecutionPlan> {
+    use datafusion::arrow::array::{Array, BooleanArray};
+    use datafusion::arrow::compute::filter_record_batch;
+    let mut parts = vec![Vec::new(), Vec::new()];
+    for b in batches(prefix, side) {
+        let keys = b
+            .column(0)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .expect("int64 keys");
+        for (p, part) in parts.iter_mut().enumerate() {
+            let mask: BooleanArray = (0..keys.len())
+                .map(|i| {
+                    let in_p = if keys.is_null(i) {
+                        p == 0
+                    } else {
+                        keys.value(i).rem_euclid(2) as usize == p
+                    };
+                    Some(in_p)
+                })
+                .collect();
+            part.push(filter_record_batch(&b, &mask).unwrap());
+        }
+    }
+    MemorySourceConfig::try_new_exec(&parts, schema(prefix), None).unwrap()
+}
+
 /// `l_v != r_v`: drops some key matches, so filtered rows count as unmatched.
 fn filter() -> JoinFilter {
     let schema = Arc::new(Schema::new(vec![
@@ -166,6 +196,12 @@ struct Case {
 }
 
 fn hash_join(case: Case) -> HashJoinExec {
+    hash_join_over(case, input)
+}
+
+/// `case` as a `HashJoinExec` whose sides are made by `side`.
+fn hash_join_over(case: Case, side: fn(&str, Side) -> Arc<dyn ExecutionPlan>) -> HashJoinExec {
+    let input = side;
     let on: Vec<(PhysicalExprRef, PhysicalExprRef)> = vec![(
         Arc::new(Column::new("l_k", 0)),
         Arc::new(Column::new("r_k", 0)),
@@ -441,4 +477,147 @@ async fn check_rows_only(case: Case, budget: usize) {
         ),
     }
     assert_eq!(governor.reserved(EngineId::Query), 0);
+}
+
+/// Regular files under `dir`, at any depth (DataFusion's disk manager writes its spill files
+/// into a directory of its own under each configured one).
+fn files_under(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(std::result::Result::ok)
+                .map(|e| {
+                    let path = e.path();
+                    if path.is_dir() {
+                        files_under(&path)
+                    } else {
+                        usize::from(path.is_file())
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// A task context whose spill files go to `dir`, at most `max_disk` bytes of them.
+fn task_spilling_to(
+    pool: Arc<dyn MemoryPool>,
+    dir: &std::path::Path,
+    max_disk: u64,
+) -> Arc<TaskContext> {
+    use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+    let runtime = RuntimeEnvBuilder::new()
+        .with_memory_pool(pool)
+        .with_disk_manager_builder(
+            DiskManagerBuilder::default()
+                .with_mode(DiskManagerMode::Directories(vec![dir.to_path_buf()]))
+                .with_max_temp_directory_size(max_disk),
+        )
+        .build_arc()
+        .unwrap();
+    Arc::new(
+        TaskContext::default()
+            .with_session_config(SessionConfig::new().with_target_partitions(PARTITIONS))
+            .with_runtime(runtime),
+    )
+}
+
+/// Waits (on a generous deadline that only a hang reaches) until `cond` holds.
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_mins(2);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A join dropped while its buckets are on disk (after its first output batch, before the
+/// last) removes every spill file and gives back every byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_cancelled_mid_spill_leaves_no_files_and_no_bytes() {
+    use futures::StreamExt;
+    let dir = tempfile::tempdir().unwrap();
+    let governor = query_governor(96 * 1024, 96 * 1024);
+    let case = Case {
+        join_type: JoinType::Inner,
+        nulls: NullEquality::NullEqualsNothing,
+        filter: false,
+        projection: false,
+        build: BUILD,
+        probe: PROBE,
+    };
+    let plan = Arc::new(
+        SpillingHashJoinExec::try_new(&hash_join_over(case, input_partitioned_by_key)).unwrap(),
+    );
+    let task = task_spilling_to(governor.pool(), dir.path(), u64::MAX);
+    let mut stream = plan.execute(0, task).unwrap();
+    let first = tokio::time::timeout(Duration::from_mins(2), stream.next())
+        .await
+        .expect("the join hung")
+        .expect("a first batch")
+        .expect("no error");
+    assert!(first.num_rows() > 0);
+    assert!(
+        metric(&plan, "spill_count") > 0 && files_under(dir.path()) > 0,
+        "the join is not mid-spill: {} spills, {} files",
+        metric(&plan, "spill_count"),
+        files_under(dir.path())
+    );
+    drop(stream);
+    // The partition's task is aborted with its stream; tokio drops it (and its files and
+    // reservations) when it is next polled, not at once.
+    eventually("the spill files are removed", || {
+        files_under(dir.path()) == 0
+    })
+    .await;
+    eventually("the bytes are given back", || {
+        governor.reserved(EngineId::Query) == 0
+    })
+    .await;
+}
+
+/// Spill files past the disk manager's limit fail the join with DataFusion's error (an I/O
+/// error saying the spill directory's limit was passed), named by the join and what it was
+/// writing; no panic, no hang, nothing left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spill_disk_is_an_error_naming_the_join() {
+    let dir = tempfile::tempdir().unwrap();
+    let governor = query_governor(96 * 1024, 96 * 1024);
+    let case = Case {
+        join_type: JoinType::Left,
+        nulls: NullEquality::NullEqualsNothing,
+        filter: false,
+        projection: false,
+        build: Side {
+            rows: 16_000,
+            ..BUILD
+        },
+        probe: PROBE,
+    };
+    let plan = Arc::new(
+        SpillingHashJoinExec::try_new(&hash_join_over(case, input_partitioned_by_key)).unwrap(),
+    );
+    // Room for a few buckets' files, not for the build side.
+    let task = task_spilling_to(governor.pool(), dir.path(), 64 * 1024);
+    let got = tokio::time::timeout(Duration::from_mins(2), collect(plan as _, task))
+        .await
+        .expect("the join hung on a full disk");
+    let err = got.expect_err("the join cannot finish with 64 KiB of spill disk");
+    let text = err.to_string();
+    assert!(
+        text.contains("max_temp_directory_size"),
+        "not the disk manager's limit: {text}"
+    );
+    assert!(
+        text.contains("SpillingHashJoin[") && text.contains("writing a spill bucket"),
+        "the error names neither the join nor what it wrote: {text}"
+    );
+    eventually("the spill files are removed", || {
+        files_under(dir.path()) == 0
+    })
+    .await;
+    eventually("the bytes are given back", || {
+        governor.reserved(EngineId::Query) == 0
+    })
+    .await;
 }
