@@ -142,6 +142,7 @@
 //! [`MemoryGovernor::snapshot`]: governor_core::MemoryGovernor::snapshot
 
 mod consumers;
+pub mod emit_headroom;
 mod ext;
 mod options;
 pub mod policy;
@@ -153,6 +154,7 @@ pub mod spilling_join;
 mod wait;
 
 pub use consumers::ConsumerMetrics;
+pub use emit_headroom::{GovernedAggregateExec, GovernedAggregateRule};
 pub use ext::{GovernorExt, is_governed, set_query_memory_limit};
 pub use options::{
     DEFAULT_RECLAIM_WAIT, DEFAULT_SHARE_GRACE, DEFAULT_TOP_CONSUMERS, DEFAULT_UNSPILLABLE_HEADROOM,

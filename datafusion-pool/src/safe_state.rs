@@ -6,8 +6,11 @@
 //!   [`SpillingHashJoinExec`](crate::SpillingHashJoinExec) in place of every hash join it can
 //!   run exactly (all but null-aware anti joins and joins with a pushed-down fetch), so a
 //!   build side the pool refuses is split into buckets on disk instead of failing the query;
-//! * the session's memory settings (sort merge reservations and the like) are fitted to the
-//!   pool's budget and the partition count.
+//! * the [`GovernedAggregateRule`] runs every grouped final aggregate as a
+//!   [`GovernedAggregateExec`](crate::GovernedAggregateExec), which sets memory aside while
+//!   it reads for the output phase DataFusion 55 cannot spill in;
+//! * the session's memory settings (sort merge reservations, repartition spill files) are
+//!   fitted to the pool's budget and the partition count.
 
 use std::sync::Arc;
 
@@ -23,6 +26,7 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::joins::{HashJoinExec, PartitionMode};
 use datafusion::prelude::SessionConfig;
 
+use crate::emit_headroom::GovernedAggregateRule;
 use crate::safe_config::budget_aware_config;
 use crate::spilling_join::SpillingHashJoinExec;
 
@@ -73,20 +77,22 @@ pub fn memory_safe_state(config: SessionConfig, runtime: Arc<RuntimeEnv>) -> Ses
         .with_config(config)
         .with_runtime_env(runtime)
         .with_default_features()
-        .with_physical_optimizer_rules(rules_with_spilling_join())
+        .with_physical_optimizer_rules(memory_safe_rules())
         .build()
 }
 
 /// DataFusion's default physical optimizer rules with [`SpillingJoinRule`] before
 /// `EnsureRequirements` (at the start if a future DataFusion renames that rule, where it
-/// still runs before any partitioning is decided).
-fn rules_with_spilling_join() -> Vec<Arc<dyn PhysicalOptimizerRule + Send + Sync>> {
+/// still runs before any partitioning is decided) and [`GovernedAggregateRule`] after all.
+fn memory_safe_rules() -> Vec<Arc<dyn PhysicalOptimizerRule + Send + Sync>> {
     let mut rules = PhysicalOptimizer::new().rules;
     let at = rules
         .iter()
         .position(|r| r.name() == ENSURE_REQUIREMENTS)
         .unwrap_or(0);
     rules.insert(at, Arc::new(SpillingJoinRule));
+    // Last: every DataFusion rule that looks for an `AggregateExec` has run.
+    rules.push(Arc::new(GovernedAggregateRule));
     rules
 }
 

@@ -1164,7 +1164,10 @@ async fn sql_group_by(
     let session = SessionConfig::new()
         .with_target_partitions(cfg.partitions)
         .with_batch_size(8_192);
-    let ctx = SessionContext::new_with_config_rt(session, runtime);
+    // The memory-safe session: its final aggregates keep headroom for their output phase,
+    // which DataFusion 55 cannot spill in (a GROUP BY refused 82 KiB while emitting failed
+    // the run at 192 MiB before).
+    let ctx = SessionContext::new_with_state(datafusion_pool::memory_safe_state(session, runtime));
     ctx.register_table("t", Arc::new(table))
         .map_err(|e| e.to_string())?;
     // The check's own scratch is nobody's engine memory, yet it counts against the ceiling
