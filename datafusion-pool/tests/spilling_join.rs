@@ -482,21 +482,21 @@ async fn check_rows_only(case: Case, budget: usize) {
 /// Regular files under `dir`, at any depth (DataFusion's disk manager writes its spill files
 /// into a directory of its own under each configured one).
 fn files_under(dir: &std::path::Path) -> usize {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .filter_map(std::result::Result::ok)
-                .map(|e| {
-                    let path = e.path();
-                    if path.is_dir() {
-                        files_under(&path)
-                    } else {
-                        usize::from(path.is_file())
-                    }
-                })
-                .sum()
+    // A directory that is gone holds no files.
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(std::result::Result::ok)
+        .map(|e| {
+            let path = e.path();
+            if path.is_dir() {
+                files_under(&path)
+            } else {
+                usize::from(path.is_file())
+            }
         })
-        .unwrap_or(0)
+        .sum()
 }
 
 /// A task context whose spill files go to `dir`, at most `max_disk` bytes of them.

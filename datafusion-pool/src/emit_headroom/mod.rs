@@ -76,11 +76,11 @@ use self::pool::{HeadroomMetrics, HeadroomPool};
 
 /// The least headroom kept beside an aggregate partition: a 64th of the session's limit,
 /// between 16 and 256 KiB (the measured emit growths were 77 to 108 KiB).
-fn headroom_floor(limit: MemoryLimit) -> usize {
+fn headroom_floor(limit: &MemoryLimit) -> usize {
     const MIN: usize = 4 * 1024;
     const MAX: usize = 64 * 1024;
     match limit {
-        MemoryLimit::Finite(limit) => (limit / 1024).clamp(MIN, MAX),
+        MemoryLimit::Finite(limit) => (*limit / 1024).clamp(MIN, MAX),
         MemoryLimit::Infinite | MemoryLimit::Unknown => MAX,
     }
 }
@@ -276,7 +276,7 @@ impl ExecutionPlan for GovernedAggregateExec {
         // The pool lives as long as the aggregate's stream: its reservations point at it.
         let pool = HeadroomPool::new(
             context.memory_pool(),
-            headroom_floor(context.memory_pool().memory_limit()),
+            headroom_floor(&context.memory_pool().memory_limit()),
             HeadroomMetrics::new(&self.metrics, partition),
         );
         let inner = Arc::new(Self::headroom_context(&context, Arc::clone(&pool))?);

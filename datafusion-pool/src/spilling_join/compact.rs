@@ -69,14 +69,20 @@ fn view_bytes(c: &ArrayRef) -> Option<(usize, usize)> {
             let a = c.as_string_view();
             Some((
                 a.total_bytes_len(),
-                a.data_buffers().iter().map(|b| b.len()).sum(),
+                a.data_buffers()
+                    .iter()
+                    .map(datafusion::arrow::buffer::Buffer::len)
+                    .sum(),
             ))
         }
         DataType::BinaryView => {
             let a = c.as_binary_view();
             Some((
                 a.total_bytes_len(),
-                a.data_buffers().iter().map(|b| b.len()).sum(),
+                a.data_buffers()
+                    .iter()
+                    .map(datafusion::arrow::buffer::Buffer::len)
+                    .sum(),
             ))
         }
         _ => None,
