@@ -788,7 +788,8 @@ impl MemoryPool for GovernedMemoryPool {
     }
 
     fn memory_limit(&self) -> MemoryLimit {
-        MemoryLimit::Finite(self.governor.limit(ENGINE))
+        // The effective limit: a Query limit above the ceiling cannot be had.
+        MemoryLimit::Finite(self.governor.effective_limit(ENGINE))
     }
 }
 

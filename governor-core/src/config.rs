@@ -352,7 +352,7 @@ impl GovernorConfigBuilder {
                     "configured twice; give each engine exactly one budget",
                 ));
             }
-            validate_budget(*engine, *budget, ceiling)?;
+            validate_budget(*engine, *budget)?;
             floors = floors.saturating_add(budget.floor);
             *slot = Some(*budget);
         }
@@ -483,12 +483,15 @@ fn validate_node_ceilings(
     Ok(nodes)
 }
 
-/// Checks one engine's budget against the ceiling; shared by `build()` and run-time updates.
-pub(crate) fn validate_budget(
-    engine: EngineId,
-    budget: EngineBudget,
-    ceiling: usize,
-) -> Result<(), MemError> {
+/// Checks one engine's budget; shared by `build()` and run-time updates.
+///
+/// A limit above the ceiling is *not* refused: one configuration must start in any container
+/// (`ceiling_from_environment`, `follow_container`, `set_ceiling` move the ceiling after it was
+/// written). An engine can never hold more than the ceiling anyway (every admission checks
+/// both), so its effective limit is the smaller of the two
+/// ([`MemoryGovernor::effective_limit`](crate::MemoryGovernor::effective_limit), reported in
+/// the snapshot). `MemoryGovernor::set_limit` checks the ceiling in force itself.
+pub(crate) fn validate_budget(engine: EngineId, budget: EngineBudget) -> Result<(), MemError> {
     if budget.limit == 0 {
         return Err(MemError::config(
             format!("engine({engine}).limit"),
@@ -505,14 +508,13 @@ pub(crate) fn validate_budget(
             ),
         ));
     }
-    if budget.limit > ceiling.min(MAX_BYTES) {
+    if budget.limit > MAX_BYTES {
         return Err(MemError::config(
             format!("engine({engine}).limit"),
             format!(
-                "the limit ({}) is above the global ceiling ({}); no engine can hold more than the ceiling, \
-                 lower the limit to at most the ceiling",
+                "the limit ({}) is above the largest supported size ({}, MAX_BYTES)",
                 human_bytes(budget.limit),
-                human_bytes(ceiling)
+                human_bytes(MAX_BYTES)
             ),
         ));
     }
@@ -586,10 +588,18 @@ mod tests {
             ),
             "engine(query).floor"
         );
+        // A limit above the ceiling builds (issue 25: the ceiling may come from the
+        // container); it is bounded by the ceiling instead.
+        assert!(
+            base()
+                .engine(q, EngineBudget::new(mib(101)))
+                .build()
+                .is_ok()
+        );
         assert_eq!(
             field_of(
                 base()
-                    .engine(q, EngineBudget::new(mib(101)))
+                    .engine(q, EngineBudget::new(MAX_BYTES + 1))
                     .build()
                     .unwrap_err()
             ),

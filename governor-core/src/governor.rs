@@ -224,6 +224,13 @@ impl MemoryGovernor {
         self.row(engine).limit()
     }
 
+    /// The most `engine` can hold now: the smaller of its [`limit`](Self::limit) and the
+    /// ceiling in force. A configured limit may be above the ceiling (the ceiling may follow
+    /// the container the process starts in); admission is then bounded by the ceiling.
+    pub fn effective_limit(&self, engine: EngineId) -> usize {
+        self.limit(engine).min(self.ceiling())
+    }
+
     /// The engine's current floor.
     pub fn floor(&self, engine: EngineId) -> usize {
         self.row(engine).floor()
@@ -327,16 +334,28 @@ impl MemoryGovernor {
     }
 
     /// Changes `engine`'s limit at run time. The new limit must keep the invariants: at least
-    /// the floor, at most the ceiling, and at least what the engine holds now (reclaim first to
-    /// go lower).
+    /// the floor, at most the ceiling in force, and at least what the engine holds now (reclaim
+    /// first to go lower). (A limit configured at `build()` may be above the ceiling: see
+    /// [`effective_limit`](Self::effective_limit).)
     pub fn set_limit(&self, engine: EngineId, bytes: usize) -> Result<(), MemError> {
         let row = self.configured_row(engine)?;
         let _serial = self.config_changes.lock();
-        validate_budget(
-            engine,
-            EngineBudget::new(bytes).with_floor(row.floor()),
-            self.ceiling(),
-        )?;
+        validate_budget(engine, EngineBudget::new(bytes).with_floor(row.floor()))?;
+        // A limit set at run time must fit the ceiling in force: the operator asking for it is
+        // told at once. (A configured limit above the ceiling is taken at `build()`, where the
+        // ceiling may come from the container the process happens to start in.)
+        let ceiling = self.ceiling();
+        if bytes > ceiling {
+            return Err(MemError::config(
+                format!("engine({engine}).limit"),
+                format!(
+                    "the limit ({}) is above the global ceiling ({}); no engine can hold more than the ceiling, \
+                     lower the limit to at most the ceiling",
+                    human_bytes(bytes),
+                    human_bytes(ceiling)
+                ),
+            ));
+        }
         self.books.ledger.set_limit(row, bytes).map_err(|held| {
             MemError::config(
                 format!("engine({engine}).limit"),
@@ -358,13 +377,7 @@ impl MemoryGovernor {
     pub fn set_floor(&self, engine: EngineId, bytes: usize) -> Result<(), MemError> {
         let row = self.configured_row(engine)?;
         let _serial = self.config_changes.lock();
-        // Only the floor is checked here: after a ceiling drop a limit may no longer fit under
-        // the ceiling (reported by `set_ceiling`), which must not block floor changes.
-        validate_budget(
-            engine,
-            EngineBudget::new(row.limit()).with_floor(bytes),
-            self.ceiling().max(row.limit()),
-        )?;
+        validate_budget(engine, EngineBudget::new(row.limit()).with_floor(bytes))?;
         // Each floor is at most its limit, at most `MAX_BYTES`, so the sum cannot overflow; the
         // last addition is checked because `bytes` comes from the caller.
         let others: usize = EngineId::ALL

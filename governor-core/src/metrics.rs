@@ -38,8 +38,10 @@ pub struct EngineSnapshot {
     pub granted: usize,
     /// Guaranteed floor.
     pub floor: usize,
-    /// Hard limit.
+    /// Hard limit, as configured (it may be above the ceiling).
     pub limit: usize,
+    /// What the engine can hold now: the smaller of `limit` and the ceiling.
+    pub effective_limit: usize,
     /// High-water mark of what admissions and charges granted (tokens plus idle credit),
     /// without the allocator drift charged as untracked: at most `limit` unless bytes were
     /// booked past it by `charge`/`force_grow`. The drift's own peak is in `allocation`.
@@ -715,6 +717,7 @@ impl MemoryGovernor {
                     granted,
                     floor: self.floor(engine),
                     limit,
+                    effective_limit: self.effective_limit(engine),
                     peak: self.row(engine).peak(),
                     borrowed: self.borrowed(engine),
                     overcommit: granted.saturating_sub(limit),

@@ -294,3 +294,45 @@ fn the_rss_monitor_follows_a_lowered_ceiling() {
     let query = g.try_reserve(EngineId::Query, mib(128));
     assert!(query.is_ok(), "{query:?}");
 }
+
+/// Issue 25: a configuration written for the biggest container starts in a smaller one. A
+/// limit above the ceiling is not a start-up error: the engine's effective limit is the
+/// smaller of the two, admission is bounded by the ceiling, and raising the ceiling gives
+/// the engine its configured limit back.
+#[test]
+fn a_limit_above_the_ceiling_builds_and_is_bounded_by_the_ceiling() {
+    let g = MemoryGovernor::new(
+        GovernorConfig::builder()
+            .global_ceiling(mib(32))
+            .engine(EngineId::Query, EngineBudget::new(mib(64)))
+            .engine(
+                EngineId::Vector,
+                EngineBudget::new(mib(48)).with_floor(mib(8)),
+            )
+            .build()
+            .expect("limits above the ceiling build"),
+    )
+    .unwrap();
+    assert_eq!(g.limit(EngineId::Query), mib(64));
+    assert_eq!(g.effective_limit(EngineId::Query), mib(32));
+    let snap = g.snapshot();
+    let q = snap.engine(EngineId::Query).unwrap();
+    assert_eq!((q.limit, q.effective_limit), (mib(64), mib(32)));
+    assert!(g.try_reserve(EngineId::Query, mib(32) + 1).is_err());
+    let held = g.try_reserve(EngineId::Query, mib(24)).unwrap();
+    assert!(g.global_reserved() <= g.ceiling());
+    drop(held);
+    g.set_ceiling(mib(128)).unwrap();
+    assert_eq!(g.effective_limit(EngineId::Query), mib(64));
+    assert!(g.try_reserve(EngineId::Query, mib(64) + 1).is_err());
+    let held = g.try_reserve(EngineId::Query, mib(60)).unwrap();
+    assert_eq!(g.reserved(EngineId::Query), mib(60));
+    drop(held);
+    // At run time a limit is set within the ceiling in force (the operator is told at once).
+    g.set_ceiling(mib(32)).unwrap();
+    assert!(matches!(
+        g.set_limit(EngineId::Vector, mib(100)),
+        Err(MemError::InvalidConfig { .. })
+    ));
+    assert_eq!(g.effective_limit(EngineId::Vector), mib(32));
+}
