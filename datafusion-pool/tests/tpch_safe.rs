@@ -68,6 +68,29 @@ async fn run_counting_buckets(ctx: &SessionContext, sql: &str) -> (Outcome, usiz
     (outcome(ended, start), buckets)
 }
 
+/// Each query's rows without a limit: what every bounded run must return.
+async fn reference_rows(
+    tables: &[tpch::Table],
+    queries: &[(usize, String)],
+) -> BTreeMap<usize, Vec<OwnedRow>> {
+    let reference = context(
+        Arc::new(UnboundedMemoryPool::default()),
+        PARTITIONS,
+        1024 * 1024,
+    );
+    tpch::register(&reference, tables);
+    let mut expected = BTreeMap::new();
+    for (n, sql) in queries {
+        match common::run(&reference, sql, TIMEOUT).await {
+            Outcome::Done { rows, .. } => {
+                expected.insert(*n, rows);
+            }
+            other => panic!("Q{n} failed without a limit: {}", describe(&other)),
+        }
+    }
+    expected
+}
+
 fn safe_context(pool: Arc<dyn MemoryPool>) -> SessionContext {
     let runtime = RuntimeEnvBuilder::new()
         .with_memory_pool(pool)
@@ -86,21 +109,7 @@ async fn tpch_queries_that_failed_at_64_mib_finish_in_a_memory_safe_session() {
         .filter(|(n, _)| QUERIES.contains(n))
         .collect();
 
-    let reference = context(
-        Arc::new(UnboundedMemoryPool::default()),
-        PARTITIONS,
-        1024 * 1024,
-    );
-    tpch::register(&reference, &tables);
-    let mut expected: BTreeMap<usize, Vec<OwnedRow>> = BTreeMap::new();
-    for (n, sql) in &queries {
-        match common::run(&reference, sql, TIMEOUT).await {
-            Outcome::Done { rows, .. } => {
-                expected.insert(*n, rows);
-            }
-            other => panic!("Q{n} failed without a limit: {}", describe(&other)),
-        }
-    }
+    let expected = reference_rows(&tables, &queries).await;
 
     // The defect, for the log: a plain session on the same pool.
     {
@@ -157,21 +166,7 @@ async fn tpch_queries_that_failed_at_64_mib_finish_in_a_memory_safe_session() {
 async fn memory_safe_session_finishes_every_query_at_the_scaled_64_mib_budget() {
     let tables = tpch::generate(SF, PARTITIONS as i32);
     let queries = tpch::queries();
-    let reference = context(
-        Arc::new(UnboundedMemoryPool::default()),
-        PARTITIONS,
-        1024 * 1024,
-    );
-    tpch::register(&reference, &tables);
-    let mut expected: BTreeMap<usize, Vec<OwnedRow>> = BTreeMap::new();
-    for (n, sql) in &queries {
-        match common::run(&reference, sql, TIMEOUT).await {
-            Outcome::Done { rows, .. } => {
-                expected.insert(*n, rows);
-            }
-            other => panic!("Q{n} failed without a limit: {}", describe(&other)),
-        }
-    }
+    let expected = reference_rows(&tables, &queries).await;
     for limit in [LIMIT, LIMIT / 2, LIMIT / 4] {
         let mut done = BTreeMap::new();
         for safe in [false, true] {

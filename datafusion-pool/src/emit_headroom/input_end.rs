@@ -86,12 +86,7 @@ impl ExecutionPlan for AggregateInputEndExec {
         children: Vec<Arc<dyn ExecutionPlan>>,
         _options: ReplaceChildrenOptions,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let [input] = <[_; 1]>::try_from(children).map_err(|c| {
-            DataFusionError::Internal(format!(
-                "AggregateInputEndExec has one child, {} given",
-                c.len()
-            ))
-        })?;
+        let input = super::only_child("AggregateInputEndExec", children)?;
         Ok(Arc::new(Self::new(input)))
     }
 

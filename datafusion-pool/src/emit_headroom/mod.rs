@@ -160,6 +160,14 @@ impl GovernedAggregateExec {
     }
 }
 
+/// The one child of a one-child node `name`, or an internal error saying how many came.
+fn only_child(name: &str, children: Vec<Arc<dyn ExecutionPlan>>) -> Result<Arc<dyn ExecutionPlan>> {
+    let [child] = <[_; 1]>::try_from(children).map_err(|c| {
+        DataFusionError::Internal(format!("{name} has one child, {} given", c.len()))
+    })?;
+    Ok(child)
+}
+
 /// `aggregate` reading from `input` instead of its own input.
 fn with_input(
     aggregate: &AggregateExec,
@@ -239,12 +247,7 @@ impl ExecutionPlan for GovernedAggregateExec {
         children: Vec<Arc<dyn ExecutionPlan>>,
         _options: ReplaceChildrenOptions,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let [input] = <[_; 1]>::try_from(children).map_err(|c| {
-            DataFusionError::Internal(format!(
-                "GovernedAggregateExec has one child, {} given",
-                c.len()
-            ))
-        })?;
+        let input = only_child("GovernedAggregateExec", children)?;
         let aggregate = with_input(&self.aggregate, input)?;
         Ok(Arc::new(Self::try_new(&aggregate)?))
     }
